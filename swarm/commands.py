@@ -1,0 +1,70 @@
+"""Key commands executed against this node's :class:`~swarm.store.IStore`.
+
+Requests arrive here already validated by :mod:`swarm.wire`; each ``handle_<op>`` maps
+one op onto the store and returns the op's results. ``ttl`` absent from a write means the
+node's default ttl; an explicit null means the entry never expires.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from swarm.store import IStore
+
+
+class StoreCommands:
+    """Runs the ops that read or write keys, on the local store."""
+
+    OPS = frozenset(
+        ["get", "set", "delete", "exists", "expire", "ttl", "incr", "mget", "mset"]
+    )
+
+    def __init__(self, store: IStore, default_ttl: float | None = None) -> None:
+        self.store = store
+        self.default_ttl = default_ttl or None
+        self._handlers: dict[str, Callable[[dict], dict]] = {
+            op: getattr(self, "handle_" + op) for op in self.OPS
+        }
+
+    def execute(self, request: dict) -> dict:
+        return self._handlers[request["op"]](request)
+
+    def _ttl(self, request: dict) -> float | None:
+        return request.get("ttl", self.default_ttl)
+
+    def handle_get(self, r: dict) -> dict:
+        found, value = self.store.get(r["key"])
+        return {"found": found, "value": value}
+
+    def handle_set(self, r: dict) -> dict:
+        stored = self.store.set(
+            r["key"], r["value"], self._ttl(r), r.get("nx", False), r.get("xx", False)
+        )
+        return {"stored": stored}
+
+    def handle_delete(self, r: dict) -> dict:
+        return {"deleted": self.store.delete(r["key"])}
+
+    def handle_exists(self, r: dict) -> dict:
+        return {"exists": self.store.exists(r["key"])}
+
+    def handle_expire(self, r: dict) -> dict:
+        return {"updated": self.store.expire(r["key"], r["ttl"])}
+
+    def handle_ttl(self, r: dict) -> dict:
+        found, left = self.store.ttl(r["key"])
+        return {"found": found, "ttl": None if left is None else round(left, 3)}
+
+    def handle_incr(self, r: dict) -> dict:
+        return {"value": self.store.incr(r["key"], r.get("delta", 1), self._ttl(r))}
+
+    def handle_mget(self, r: dict) -> dict:
+        values: dict[str, Any] = {}
+        for key in r["keys"]:
+            found, value = self.store.get(key)
+            if found:
+                values[key] = value
+        return {"values": values}
+
+    def handle_mset(self, r: dict) -> dict:
+        return {"stored": self.store.set_many(r["items"], self._ttl(r))}

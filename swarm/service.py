@@ -1,0 +1,236 @@
+"""SwarmNode: one cache node as a Twisted MultiService, and its embedding API.
+
+A node owns its store and query router and listens with one twisted.web Site (clients
+at ``/``, peers at ``/peer``, ``GET /health``). It runs under twistd (see
+:mod:`swarm.tap`) or inside an existing Twisted application::
+
+    node = SwarmNode("tcp:0:interface=127.0.0.1")
+    node.setServiceParent(application)
+    d = node.set("greeting", "hello")    # Deferred, like swarm.client.SwarmClient
+
+The embedding methods run through the same validation and router as network requests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.web.pages import errorPage
+
+import swarm
+from swarm.api import CacheOps
+from swarm.client_protocol import ClientFactory, FrameHandler
+from swarm.commands import StoreCommands
+from swarm.errors import SwarmError, error_from_wire
+from swarm.logs import logger
+from swarm.router import QueryRouter
+from swarm.store import IStore, MemoryStore
+from swarm.web import build_site
+from swarm.wire import Limits, RequestParser
+
+_log = logger(__name__)
+
+DEFAULT_PORT = "tcp:8765:interface=127.0.0.1"
+DEFAULT_MAX_MEMORY = 128 * 1024 * 1024
+DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: How often the store's active expiry runs, and how much it may do per run.
+SWEEP_INTERVAL = 0.1
+SWEEP_LIMIT = 500
+#: How long a stopping node waits for clients to acknowledge its close.
+CLOSE_GRACE = 2.0
+
+
+def endpoint_description(port: str | int) -> str:
+    """A bare port number listens on loopback only, like the default; say
+    ``tcp:PORT`` to listen on every interface."""
+    text = str(port).strip()
+    return f"tcp:{text}:interface=127.0.0.1" if text.isdigit() else text
+
+
+def new_node_id() -> str:
+    return "node-" + os.urandom(4).hex()
+
+
+def _observe(d: Deferred) -> Deferred:
+    """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched."""
+    observer: Deferred = Deferred()
+
+    def relay(result):
+        observer.callback(result)
+        return result
+
+    d.addBoth(relay)
+    return observer
+
+
+class _Listener(Service):
+    """Listens on the node's endpoint; on stop, closes the port and every connection."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, site, factories, clock) -> None:
+        self.endpoint = endpoint
+        self.site = site
+        self.factories = factories
+        self.clock = clock
+        self.port: IListeningPort | None = None
+        self.listening: Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        # Listen here, before twistd drops privileges and starts the reactor, so a
+        # port already in use fails the start at once with CannotListenError.
+        super().privilegedStartService()
+        self.listening = self.endpoint.listen(self.site)
+        failed = []
+        self.listening.addCallbacks(self._listened, failed.append)
+        if failed:
+            failed[0].raiseException()
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        _log.info("listening on {address}", address=port.getHost())
+        return port
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port, self.listening = self.port, None, None
+        stopped = maybeDeferred(port.stopListening) if port else succeed(None)
+        return DeferredList([stopped, self._close_connections()])
+
+    def _close_connections(self) -> Deferred:
+        protocols = [p for f in self.factories for p in list(f.connections)]
+        for p in protocols:
+            # 1001 "going away" (Autobahn's sendClose only allows 1000 and 3000+).
+            p.sendCloseFrame(code=1001, reasonUtf8=b"node shutting down")
+        closed = DeferredList([f.when_all_closed() for f in self.factories])
+
+        def abort_stragglers() -> None:
+            for p in protocols:
+                if p.transport is not None:
+                    p.transport.abortConnection()
+
+        timer = self.clock.callLater(CLOSE_GRACE, abort_stragglers)
+        closed.addBoth(lambda r: timer.active() and timer.cancel())
+        return closed
+
+
+class SwarmNode(MultiService, CacheOps):
+    """A swarmcache node. Give it a parent service, or run it under twistd."""
+
+    def __init__(
+        self,
+        port: str | int | IStreamServerEndpoint = DEFAULT_PORT,
+        *,
+        reactor: Any = None,
+        node_id: str | None = None,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        default_ttl: float | None = None,
+        peers: tuple[str, ...] = (),
+        replicas: int = 1,
+        limits: Limits = Limits(),
+        store: IStore | None = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.node_id = node_id or new_node_id()
+        self.peers = tuple(peers)
+        self.replicas = replicas
+        self.store = store if store is not None else MemoryStore(
+            reactor, max_memory=max_memory, max_value_bytes=max_value_size
+        )
+        self.parser = RequestParser(limits)
+        self.router = QueryRouter(
+            self.node_id, StoreCommands(self.store, default_ttl), self._stats
+        )
+        self.client_factory = ClientFactory(
+            FrameHandler(self.parser, self.router), max_message_size
+        )
+        if isinstance(port, (str, int)):
+            port = serverFromString(reactor, endpoint_description(port))
+        site = build_site(
+            self.client_factory,
+            errorPage(501, "Not Implemented", "This node takes no peer links yet."),
+            self._health,
+        )
+        self._listener = _Listener(port, site, [self.client_factory], reactor)
+        self._listener.setServiceParent(self)
+        sweeper = TimerService(SWEEP_INTERVAL, self.store.sweep, SWEEP_LIMIT)
+        sweeper.clock = reactor
+        sweeper.setServiceParent(self)
+        self._started_at: float | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        self._started_at = self.reactor.seconds()
+        super().startService()
+        _log.info(
+            "swarmcache {version} node {node} started", version=swarm.__version__,
+            node=self.node_id,
+        )
+
+    def stopService(self) -> Deferred:
+        _log.info("node {node} stopping", node=self.node_id)
+        return super().stopService()
+
+    def when_listening(self) -> Deferred:
+        """Fires with the IListeningPort once the node listens (start it first)."""
+        if self._listener.port is not None:
+            return succeed(self._listener.port)
+        if self._listener.listening is None:
+            raise RuntimeError("the node is not started")
+        return _observe(self._listener.listening)
+
+    @property
+    def url(self) -> str:
+        """ws:// URL of the client endpoint (TCP listeners only)."""
+        host = self._listener.port.getHost()
+        return f"ws://{host.host}:{host.port}"
+
+    # -- embedding API ----------------------------------------------------------------
+
+    def request(self, op: str, **args: Any) -> Deferred:
+        """Run one op in-process, validated and routed as if it came from a client."""
+        try:
+            req = self.parser.parse({"id": 0, "op": op, **args})
+        except SwarmError as e:
+            return fail(e)
+        return maybeDeferred(self.router.handle, req).addCallback(_results)
+
+    # -- reports ----------------------------------------------------------------------
+
+    def _stats(self) -> dict:
+        stats = {"node": self.node_id, "version": swarm.__version__}
+        stats.update(self.store.stats())
+        stats["uptime_s"] = round(self.reactor.seconds() - (self._started_at or 0), 3)
+        stats["peers"] = 0
+        stats["connections"] = len(self.client_factory.connections)
+        return stats
+
+    def _health(self) -> tuple[bool, dict]:
+        serving = self.running and self._listener.port is not None
+        return serving, {
+            "status": "ok" if serving else "stopping",
+            "node": self.node_id,
+            "version": swarm.__version__,
+        }
+
+
+def _results(reply: dict) -> dict:
+    if reply["ok"]:
+        return reply
+    raise error_from_wire(reply["error"])

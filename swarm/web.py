@@ -1,0 +1,50 @@
+"""The node's HTTP face: one twisted.web Site for clients, peers and health checks.
+
+``/`` upgrades to the client WebSocket protocol, ``/peer`` to the peer protocol, and a
+plain ``GET /health`` answers a small JSON document (200 while serving, 503 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, health: Callable[[], tuple[bool, dict]]) -> None:
+        super().__init__()
+        self._health = health
+
+    def render_GET(self, request) -> bytes:
+        serving, body = self._health()
+        request.setResponseCode(200 if serving else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode("utf-8")
+
+
+def build_site(
+    client_factory,
+    peer_resource: Resource,
+    health: Callable[[], tuple[bool, dict]],
+) -> Site:
+    root = Resource()
+    root.putChild(b"", WebSocketResource(client_factory))
+    root.putChild(b"peer", peer_resource)
+    root.putChild(b"health", HealthResource(health))
+    return _QuietSite(root)
+
+
+class _QuietSite(Site):
+    """No access log: load balancers probe /health every few seconds."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass

@@ -1,0 +1,318 @@
+"""Frames <-> request and reply dicts: decoding, validation and encoding in one place.
+
+A text frame carries JSON and a binary frame CBOR; the reply uses the frame's encoding.
+Everything a client sends passes through :func:`decode_frame` and
+:meth:`RequestParser.parse` before any other part of the node looks at it, so a request
+that reaches a handler is already well-formed: its op is known, its arguments present and
+of the right type, its values within the depth limit and free of types the other encoding
+cannot carry.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import cbor2
+
+from swarm.errors import BadRequest, SwarmError, TooLarge, UnknownOp
+
+#: The largest absolute integer ``incr`` and ``delta`` accept: a signed 64-bit range,
+#: so counters behave the same for clients in every language.
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+#: Integers inside values must fit CBOR's native 64-bit range (JSON has no limit, but
+#: clients in most languages do, and a bignum may not survive a JSON reply).
+VALUE_INT_MIN = -(2**64)
+VALUE_INT_MAX = 2**64 - 1
+
+#: The longest ttl accepted, in seconds (about 30 years); longer means "forever" anyway.
+MAX_TTL = 1e9
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a node accepts in one request."""
+
+    max_key_bytes: int = 1024
+    max_depth: int = 32
+    max_batch: int = 10_000
+
+
+# -- frames -----------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a JSON number")
+
+
+def _decode_cbor(payload: bytes) -> Any:
+    stream = io.BytesIO(payload)
+    obj = cbor2.CBORDecoder(stream).decode()
+    if stream.tell() != len(payload):
+        raise BadRequest("frame holds bytes after its CBOR item")
+    return obj
+
+
+def decode_frame(payload: bytes, is_binary: bool) -> Any:
+    """Decode one frame's payload; any failure is a :class:`BadRequest`."""
+    try:
+        if is_binary:
+            return _decode_cbor(payload)
+        text = payload.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant)
+    except SwarmError:
+        raise
+    except UnicodeDecodeError:
+        raise BadRequest("text frame is not valid UTF-8") from None
+    except RecursionError:
+        raise BadRequest("frame is nested too deeply") from None
+    except Exception as e:
+        kind = "CBOR" if is_binary else "JSON"
+        raise BadRequest(f"frame is not valid {kind}: {e}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray)):
+        return {"$base64": base64.b64encode(obj).decode("ascii")}
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+_json_encoder = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
+)
+
+
+def encode_frame(obj: Any, is_binary: bool) -> bytes:
+    """Encode a reply (or a batch of replies) in the encoding of the request's frame.
+
+    JSON has no byte strings: a byte-string value stored by a CBOR client reaches a JSON
+    client as ``{"$base64": "..."}``.
+    """
+    if is_binary:
+        return cbor2.dumps(obj)
+    return _json_encoder.encode(obj).encode("utf-8")
+
+
+# -- replies ----------------------------------------------------------------------------
+
+
+def ok_reply(request_id: Any, results: dict) -> dict:
+    reply = {"id": request_id, "ok": True}
+    reply.update(results)
+    return reply
+
+
+def error_reply(request_id: Any, error: SwarmError) -> dict:
+    return {"id": request_id, "ok": False, "error": error.to_wire()}
+
+
+def request_id(obj: Any) -> Any:
+    """The id to echo for ``obj``: its own when valid, else null."""
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if _valid_id(rid):
+            return rid
+    return None
+
+
+def _valid_id(rid: Any) -> bool:
+    if isinstance(rid, str):
+        return rid.isascii() or _encodable(rid)
+    return isinstance(rid, int) and not isinstance(rid, bool)
+
+
+def _encodable(s: str) -> bool:
+    """False for strings with lone surrogates (JSON's "\\ud800"): no reply can hold them."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_size(s: str) -> int:
+    """Bytes of ``s`` in UTF-8; :class:`BadRequest` if it is not valid Unicode."""
+    if s.isascii():
+        return len(s)
+    try:
+        return len(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("strings may not hold lone surrogates") from None
+
+
+# -- argument validators ----------------------------------------------------------------
+
+
+def check_value(value: Any, max_depth: int, allow_bytes: bool = True) -> None:
+    """Raise :class:`BadRequest` unless ``value`` is plain data both encodings carry.
+
+    Plain data: null, booleans, 64-bit integers, finite floats, valid Unicode strings,
+    byte strings (from CBOR), arrays and maps with string keys, nested at most
+    ``max_depth`` levels. A container met twice is refused: CBOR's shared references
+    (tags 28/29) could otherwise make a tiny frame a tree of billions of nodes.
+    """
+    stack = [(value, 1)]
+    seen: set[int] = set()
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            utf8_size(item)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not VALUE_INT_MIN <= item <= VALUE_INT_MAX:
+                raise BadRequest("integers in values must fit in 64 bits")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise BadRequest("values may not hold NaN or infinity")
+        elif isinstance(item, bytes) and allow_bytes:
+            continue
+        elif isinstance(item, (list, dict)):
+            if depth > max_depth:
+                raise BadRequest(f"value is nested deeper than {max_depth} levels")
+            if id(item) in seen:
+                raise BadRequest("values may not share or repeat containers")
+            seen.add(id(item))
+            if isinstance(item, dict):
+                for k in item:
+                    if not isinstance(k, str):
+                        raise BadRequest("map keys inside values must be strings")
+                    utf8_size(k)
+                children: Iterable = item.values()
+            else:
+                children = item
+            stack.extend((child, depth + 1) for child in children)
+        else:
+            raise BadRequest(f"values may not hold {type(item).__name__}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class RequestParser:
+    """Validates decoded request objects against the ops' argument specs.
+
+    ``parse`` returns a new dict holding ``id``, ``op`` and the op's arguments (optional
+    arguments only when given); unknown extra fields are dropped, so newer clients can
+    send optional fields an older node ignores.
+    """
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self._validators: dict[str, Callable[[str, Any], Any]] = {
+            "key": self._key,
+            "value": self._value,
+            "ttl": self._ttl,
+            "flag": self._flag,
+            "delta": self._delta,
+            "keys": self._keys,
+            "items": self._items,
+        }
+
+    # op -> [(argument, validator, required)]
+    SPECS: dict[str, list[tuple[str, str, bool]]] = {
+        "ping": [],
+        "stats": [],
+        "nodes": [],
+        "owner": [("key", "key", True)],
+        "get": [("key", "key", True)],
+        "exists": [("key", "key", True)],
+        "delete": [("key", "key", True)],
+        "ttl": [("key", "key", True)],
+        "set": [
+            ("key", "key", True),
+            ("value", "value", True),
+            ("ttl", "ttl", False),
+            ("nx", "flag", False),
+            ("xx", "flag", False),
+        ],
+        "expire": [("key", "key", True), ("ttl", "ttl", True)],
+        "incr": [("key", "key", True), ("delta", "delta", False)],
+        "mget": [("keys", "keys", True)],
+        "mset": [("items", "items", True), ("ttl", "ttl", False)],
+    }
+
+    def parse(self, obj: Any) -> dict:
+        if not isinstance(obj, dict):
+            raise BadRequest("a request must be an object")
+        rid = obj.get("id")
+        if "id" not in obj or not _valid_id(rid):
+            raise BadRequest("a request needs an id that is an integer or a string")
+        op = obj.get("op")
+        if not isinstance(op, str):
+            raise BadRequest("a request needs an op that is a string")
+        spec = self.SPECS.get(op)
+        if spec is None:
+            raise UnknownOp(f"unknown op {op!r}")
+        request = {"id": rid, "op": op}
+        for name, kind, required in spec:
+            if name in obj:
+                request[name] = self._validators[kind](name, obj[name])
+            elif required:
+                raise BadRequest(f"{op} needs the argument {name!r}")
+        if request.get("nx") and request.get("xx"):
+            raise BadRequest("set takes nx or xx, not both")
+        return request
+
+    def split(self, decoded: Any) -> tuple[list, bool]:
+        """The request objects in a decoded frame, and whether it was a batch."""
+        if isinstance(decoded, list):
+            if len(decoded) > self.limits.max_batch:
+                raise TooLarge(
+                    f"a batch holds at most {self.limits.max_batch} requests"
+                )
+            return decoded, True
+        return [decoded], False
+
+    def _key(self, name: str, v: Any) -> str:
+        if not isinstance(v, str) or not v:
+            raise BadRequest(f"{name} must be a non-empty string")
+        size = utf8_size(v)
+        if size > self.limits.max_key_bytes:
+            raise TooLarge(
+                f"key is {size} bytes; the limit is {self.limits.max_key_bytes}"
+            )
+        return v
+
+    def _value(self, name: str, v: Any) -> Any:
+        check_value(v, self.limits.max_depth)
+        return v
+
+    def _ttl(self, name: str, v: Any) -> float | None:
+        if v is None:
+            return None
+        if not _is_number(v) or not (0 < v <= MAX_TTL):
+            raise BadRequest(f"{name} must be null or a number of seconds in (0, 1e9]")
+        return v
+
+    def _flag(self, name: str, v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise BadRequest(f"{name} must be a boolean")
+        return v
+
+    def _delta(self, name: str, v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not (
+            INT64_MIN <= v <= INT64_MAX
+        ):
+            raise BadRequest(f"{name} must be a 64-bit integer")
+        return v
+
+    def _keys(self, name: str, v: Any) -> list:
+        if not isinstance(v, list):
+            raise BadRequest(f"{name} must be an array of keys")
+        return [self._key("each key", k) for k in v]
+
+    def _items(self, name: str, v: Any) -> dict:
+        if not isinstance(v, dict):
+            raise BadRequest(f"{name} must be a map of keys to values")
+        for k, value in v.items():
+            self._key("each key", k)
+            self._value("each value", value)
+        return v

@@ -1,0 +1,96 @@
+"""SwarmNode as a service: listening, health, embedding API, shutdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
+from twisted.web.client import Agent, readBody
+
+from swarm.errors import BadRequest, NotInteger, TooLarge
+from swarm.service import SwarmNode, endpoint_description
+
+from conftest import start_node
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    response = await Agent(reactor).request(b"GET", url.encode())
+    return response.code, await readBody(response)
+
+
+def test_bare_port_listens_on_loopback():
+    assert endpoint_description(9000) == "tcp:9000:interface=127.0.0.1"
+    assert endpoint_description("unix:/tmp/s") == "unix:/tmp/s"
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_is_json_200_while_serving(node):
+    code, body = await http_get(node.url.replace("ws:", "http:") + "/health")
+    assert code == 200
+    health = json.loads(body)
+    assert health["status"] == "ok" and health["node"] == "test-node"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_path_is_404(node):
+    code, _ = await http_get(node.url.replace("ws:", "http:") + "/nothing")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedding_api_round_trips(node):
+    assert await node.set("k", {"a": [1, 2]}) is True
+    assert await node.get("k") == {"a": [1, 2]}
+    assert await node.get("missing", default="dflt") == "dflt"
+    assert await node.incr("n", 5) == 5
+    assert await node.mget(["k", "n", "x"]) == {"k": {"a": [1, 2]}, "n": 5}
+    assert await node.delete("k") is True
+    assert await node.exists("k") is False
+    assert await node.ping() == "test-node"
+    stats = await node.stats()
+    assert stats["node"] == "test-node" and stats["keys"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedding_api_validates_like_the_wire(node):
+    with pytest.raises(BadRequest):
+        await node.set("", 1)
+    with pytest.raises(TooLarge):
+        await node.set("k" * 5000, 1)
+    await node.set("s", "text")
+    with pytest.raises(NotInteger):
+        await node.incr("s")
+
+
+@pytest_twisted.ensureDeferred
+async def test_busy_port_fails_start_with_cannot_listen(node):
+    port = node._listener.port.getHost().port
+    other = SwarmNode(f"tcp:{port}:interface=127.0.0.1", reactor=reactor)
+    with pytest.raises(CannotListenError):
+        other.startService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_port_and_clients():
+    import websockets
+
+    n = await start_node()
+    url = n.url
+    ws = await _as_deferred(websockets.connect(url))
+    assert len(n.client_factory.connections) == 1
+    await n.stopService()
+    assert n.client_factory.connections == set()
+    await _as_deferred(ws.wait_closed())
+    assert ws.close_code == 1001
+    with pytest.raises(Exception):
+        await _as_deferred(websockets.connect(url, open_timeout=2))
+
+
+def _as_deferred(coro):
+    from twisted.internet.defer import Deferred
+    import asyncio
+
+    return Deferred.fromFuture(asyncio.ensure_future(coro))
