@@ -1,0 +1,504 @@
+"""The Python client: a Deferred API over one WebSocket connection to any node.
+
+Two layers, as in magic-wormhole and Twisted AMP:
+
+* :class:`RequestTracker` is plain logic with no I/O. It numbers requests, keeps
+  ``id -> Deferred`` for those in flight, times them out on an injected clock and fails them
+  all when the connection goes away. Tests drive it with ``task.Clock`` and a list as the
+  sink.
+* :class:`_ClientProtocol` is a thin Autobahn adapter that feeds it frames, and
+  :class:`SwarmClient` is the public face, built by :meth:`SwarmClient.connect`.
+
+Many requests may be in flight at once on one connection (pipelining); replies come back in
+any order and are matched by id. :meth:`SwarmClient.batch` sends many requests in one frame,
+which is where the throughput is.
+
+With ``encoding="json"`` a byte-string value stored by a CBOR client comes back as
+``{"$base64": "..."}``, as the wire layer encodes it; JSON cannot carry bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.util import parse_url
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
+from swarm.wire import decode_frame, encode_frame
+
+_log = Logger()
+
+#: The largest frame the client accepts from a node: generous, but bounded so a broken
+#: node cannot make the client buffer without limit.
+MAX_PAYLOAD = 64 * 1024 * 1024
+
+ENCODINGS = {"cbor": True, "json": False}  # encoding -> frames are binary
+
+
+class ConnectionClosed(Unavailable):
+    """The connection closed (or was closed) before the reply arrived."""
+
+
+# -- the logic ---------------------------------------------------------------------------
+
+
+class RequestTracker:
+    """Numbers requests, matches replies to them by id, times them out.
+
+    ``send(payload, is_binary)`` puts one frame on the wire; ``clock`` schedules the
+    timeouts. Nothing here touches a socket, so it is tested with a list and a
+    ``task.Clock``.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[bytes, bool], None],
+        clock: IReactorTime,
+        encoding: str = "cbor",
+        timeout: float | None = 10.0,
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}")
+        self._send = send
+        self._clock = clock
+        self._binary = ENCODINGS[encoding]
+        self.encoding = encoding
+        self.timeout = timeout
+        self._next_id = 0
+        self._pending: dict[int, Deferred[dict]] = {}
+        self._closed: Failure | None = None
+
+    @property
+    def pending(self) -> int:
+        """How many requests are waiting for a reply."""
+        return len(self._pending)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _register(self, rid: int) -> Deferred[dict]:
+        d: Deferred[dict] = Deferred(lambda _: self._pending.pop(rid, None))
+        self._pending[rid] = d
+        return d
+
+    def _encode(self, frame: Any) -> bytes:
+        return encode_frame(frame, self._binary)
+
+    def _transmit(self, payload: bytes, d: Deferred) -> Failure | None:
+        """Send one frame; if that fails, retire ``d`` quietly and return why."""
+        try:
+            self._send(payload, self._binary)
+        except Exception:
+            why = Failure()
+            d.addErrback(lambda _: None)
+            d.cancel()
+            return why
+        return None
+
+    def _add_timeout(self, d: Deferred, what: str) -> None:
+        if self.timeout is None:
+            return
+        timeout = self.timeout
+
+        def timed_out(result: Any, _timeout: float) -> Any:
+            if isinstance(result, Failure) and result.check(CancelledError):
+                raise Timeout(f"no reply to {what} within {timeout:g}s")
+            return result
+
+        d.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
+
+    def raw_request(self, request: dict) -> Deferred[dict]:
+        """Send one request (its id is assigned here); fire with the reply as it came."""
+        if self._closed is not None:
+            return fail(self._closed)
+        rid = self._new_id()
+        frame = dict(request)
+        frame["id"] = rid
+        try:
+            payload = self._encode(frame)
+        except Exception:
+            return fail()
+        d = self._register(rid)
+        self._add_timeout(d, str(frame.get("op")))
+        why = self._transmit(payload, d)
+        return d if why is None else fail(why)
+
+    def request(self, op: str, **args: Any) -> Deferred[dict]:
+        """Send ``{"op": op, **args}``; fire with the success reply or raise its error."""
+        request = {"op": op}
+        request.update(args)
+        return self.raw_request(request).addCallback(_check_reply)
+
+    def batch(self, requests: Iterable[dict]) -> Deferred[list[dict]]:
+        """Send the requests in one frame; fire with their replies in order.
+
+        Error replies stay dicts: a batch mixes results, so one failure must not hide the
+        rest. The whole batch shares one timeout.
+        """
+        if self._closed is not None:
+            return fail(self._closed)
+        frame = []
+        for request in requests:
+            if not isinstance(request, dict):
+                return fail(TypeError(f"a request must be a dict, not {request!r}"))
+            item = dict(request)
+            item["id"] = self._new_id()
+            frame.append(item)
+        if not frame:
+            return succeed([])
+        try:
+            payload = self._encode(frame)
+        except Exception:
+            return fail()
+        ids = [item["id"] for item in frame]
+        replies: list[Any] = [None] * len(ids)
+        remaining = [len(ids)]
+
+        def forget(_: Deferred) -> None:
+            for rid in ids:
+                self._pending.pop(rid, None)
+
+        batch_d: Deferred[list[dict]] = Deferred(forget)
+
+        def got(reply: dict, index: int) -> None:
+            replies[index] = reply
+            remaining[0] -= 1
+            if remaining[0] == 0 and not batch_d.called:
+                batch_d.callback(replies)
+
+        def failed(reason: Failure) -> None:
+            if not batch_d.called:
+                batch_d.errback(reason)
+
+        for index, rid in enumerate(ids):
+            self._register(rid).addCallbacks(got, failed, callbackArgs=(index,))
+        self._add_timeout(batch_d, f"a batch of {len(ids)}")
+        why = self._transmit(payload, batch_d)
+        return batch_d if why is None else fail(why)
+
+    def frame_received(self, payload: bytes, is_binary: bool) -> None:
+        """Deliver the replies in one frame; what cannot be matched is logged and dropped."""
+        try:
+            decoded = decode_frame(payload, is_binary)
+        except SwarmError as e:
+            _log.warn("dropped a frame the client cannot decode: {error}", error=e.message)
+            return
+        for reply in decoded if isinstance(decoded, list) else [decoded]:
+            self._reply_received(reply)
+
+    def _reply_received(self, reply: Any) -> None:
+        if not isinstance(reply, dict):
+            _log.warn("dropped a reply that is not an object: {reply!r}", reply=reply)
+            return
+        rid = reply.get("id")
+        known = isinstance(rid, int) and not isinstance(rid, bool)
+        d = self._pending.pop(rid, None) if known else None
+        if d is None:
+            if rid is None and reply.get("ok") is False:
+                # The node could not tell which request this answers: nothing to fail.
+                _log.warn("node reported an error for no request: {error!r}",
+                          error=reply.get("error"))
+            else:
+                _log.debug("dropped a reply nobody waits for (id {id!r})", id=rid)
+            return
+        d.callback(reply)
+
+    def fail_all(self, reason: Exception | Failure) -> None:
+        """Fail every request in flight, and every later one, with ``reason``.
+
+        Called when the connection is lost or closed, like AMP's ``failAllOutgoing``.
+        """
+        if not isinstance(reason, Failure):
+            reason = Failure(reason)
+        if self._closed is None:
+            self._closed = reason
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(reason)
+
+
+def _check_reply(reply: dict) -> dict:
+    if reply.get("ok") is True:
+        return reply
+    raise error_from_wire(reply.get("error"))
+
+
+# -- the public face ---------------------------------------------------------------------
+
+
+class SwarmClient:
+    """One connection to a node; every method returns a Deferred.
+
+    Build it with :meth:`connect`. Calls need not wait for each other: many may be in
+    flight at once, and each fires when its own reply arrives.
+    """
+
+    def __init__(
+        self,
+        requests: RequestTracker,
+        closer: Callable[[], Deferred[None]],
+        url: str = "",
+    ) -> None:
+        self._requests = requests
+        self._closer = closer
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"<SwarmClient {self.url} {self._requests.encoding}>"
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        reactor: Any = None,
+        encoding: str = "cbor",
+        timeout: float | None = 10.0,
+        connect_timeout: float = 10.0,
+    ) -> Deferred[SwarmClient]:
+        """Open a WebSocket to the node at ``url`` (``ws://host:port`` or ``wss://``).
+
+        Fires when the WebSocket is open; fails with :class:`~swarm.errors.Unavailable`
+        when the node cannot be reached or refuses the handshake within
+        ``connect_timeout`` seconds. ``timeout`` bounds each later request.
+        """
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        if encoding not in ENCODINGS:
+            return fail(ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}"))
+        try:
+            description = endpoint_description(url, connect_timeout)
+            factory = _ClientFactory(url=url, reactor=reactor)
+        except ValueError as e:
+            return fail(Unavailable(f"cannot connect to {url}: {e}"))
+        from twisted.internet.endpoints import clientFromString
+
+        factory.encoding = encoding
+        factory.request_timeout = timeout
+        factory.setProtocolOptions(
+            maxMessagePayloadSize=MAX_PAYLOAD,
+            maxFramePayloadSize=MAX_PAYLOAD,
+            # Our own deadline below covers the handshake on the injected reactor;
+            # Autobahn's would run on the global one.
+            openHandshakeTimeout=0,
+        )
+        opened: Deferred[SwarmClient] = Deferred(lambda _: abort())
+        factory.opened = opened
+        connecting = clientFromString(reactor, description).connect(factory)
+
+        def abort() -> None:
+            if not connecting.called:
+                connecting.cancel()
+            elif factory.protocol_instance is not None:
+                factory.protocol_instance.transport.abortConnection()
+
+        def tcp_failed(reason: Failure) -> None:
+            if not opened.called:
+                opened.errback(reason)
+
+        connecting.addErrback(tcp_failed)
+
+        def handshake_timed_out(result: Any, seconds: float) -> Any:
+            raise Unavailable(
+                f"cannot connect to {url}: no WebSocket handshake within {seconds:g}s"
+            )
+
+        def unavailable(reason: Failure) -> Failure:
+            if reason.check(Unavailable):
+                return reason
+            return Failure(Unavailable(f"cannot connect to {url}: {_describe(reason)}"))
+
+        opened.addTimeout(connect_timeout, reactor, onTimeoutCancel=handshake_timed_out)
+        opened.addErrback(unavailable)
+        return opened
+
+    # -- generic -------------------------------------------------------------------------
+
+    def request(self, op: str, **args: Any) -> Deferred[dict]:
+        """Send any op; fire with the whole success reply, or raise the error it carries.
+
+        Every method below is built on this; use it for ops this client does not wrap.
+        """
+        return self._requests.request(op, **args)
+
+    def batch(self, requests: list[dict]) -> Deferred[list[dict]]:
+        """Send many requests in ONE frame; fire with their reply dicts, in order.
+
+        Ids are assigned here (any given are overwritten). Error replies are returned
+        as dicts (``ok`` false), not raised, since a batch mixes results.
+        """
+        return self._requests.batch(requests)
+
+    def close(self) -> Deferred[None]:
+        """Close the connection; fires once it is closed.
+
+        Requests still in flight fail with :class:`ConnectionClosed` at once.
+        """
+        self._requests.fail_all(ConnectionClosed(f"connection to {self.url} closed by the client"))
+        return self._closer()
+
+    # -- ops -----------------------------------------------------------------------------
+
+    def ping(self) -> Deferred[str]:
+        """The id of the node this client is connected to."""
+        return self.request("ping").addCallback(lambda r: r["node"])
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> Deferred[bool]:
+        """Store ``value``; fires with whether it was stored (``nx``/``xx`` may refuse)."""
+        args: dict[str, Any] = {"key": key, "value": value}
+        if ttl is not None:
+            args["ttl"] = ttl
+        if nx:
+            args["nx"] = True
+        if xx:
+            args["xx"] = True
+        return self.request("set", **args).addCallback(lambda r: r["stored"])
+
+    def get(self, key: str, default: Any = None) -> Deferred[Any]:
+        """The value of ``key``, or ``default`` when there is none."""
+        return self.request("get", key=key).addCallback(
+            lambda r: r["value"] if r["found"] else default
+        )
+
+    def delete(self, key: str) -> Deferred[bool]:
+        """Delete ``key``; fires with whether there was one to delete."""
+        return self.request("delete", key=key).addCallback(lambda r: r["deleted"])
+
+    def exists(self, key: str) -> Deferred[bool]:
+        return self.request("exists", key=key).addCallback(lambda r: r["exists"])
+
+    def expire(self, key: str, ttl: float | None) -> Deferred[bool]:
+        """Set ``key`` to expire in ``ttl`` seconds (None: never); whether it was there."""
+        return self.request("expire", key=key, ttl=ttl).addCallback(lambda r: r["updated"])
+
+    def ttl(self, key: str) -> Deferred[tuple[bool, float | None]]:
+        """``(found, seconds left)``; seconds left is None when the entry does not expire."""
+        return self.request("ttl", key=key).addCallback(
+            lambda r: (bool(r["found"]), r.get("ttl"))
+        )
+
+    def incr(self, key: str, delta: int = 1) -> Deferred[int]:
+        """Add ``delta`` to the integer at ``key`` (missing counts as 0); the new value."""
+        return self.request("incr", key=key, delta=delta).addCallback(lambda r: r["value"])
+
+    def mget(self, keys: list[str]) -> Deferred[dict[str, Any]]:
+        """The values of those ``keys`` that exist."""
+        return self.request("mget", keys=list(keys)).addCallback(lambda r: r["values"])
+
+    def mset(self, items: dict[str, Any], ttl: float | None = None) -> Deferred[int]:
+        """Store every item; fires with how many were stored."""
+        args: dict[str, Any] = {"items": dict(items)}
+        if ttl is not None:
+            args["ttl"] = ttl
+        return self.request("mset", **args).addCallback(lambda r: r["stored"])
+
+    def stats(self) -> Deferred[dict[str, Any]]:
+        """The connected node's counters (keys, memory_bytes, hits, misses, ...)."""
+        return self.request("stats").addCallback(lambda r: r["stats"])
+
+    def nodes(self) -> Deferred[dict[str, Any]]:
+        """The swarm as the connected node sees it: ``{"self": id, "nodes": [...]}``."""
+        return self.request("nodes").addCallback(
+            lambda r: {k: v for k, v in r.items() if k not in ("id", "ok")}
+        )
+
+    def owner(self, key: str) -> Deferred[list[str]]:
+        """The ids of the nodes that hold ``key``, primary first."""
+        return self.request("owner", key=key).addCallback(lambda r: r["nodes"])
+
+
+# -- the Autobahn adapter ----------------------------------------------------------------
+
+
+def endpoint_description(url: str, timeout: float) -> str:
+    """The Twisted client endpoint string for a ``ws://`` or ``wss://`` URL."""
+    is_secure, host, port, _resource, _path, _params = parse_url(url)
+    if host == "unix":
+        raise ValueError("unix socket URLs are not supported")
+    host = host.replace("\\", "\\\\").replace(":", "\\:")
+    kind = "tls" if is_secure else "tcp"
+    # Endpoint strings take whole seconds; connect() enforces the exact deadline itself.
+    return f"{kind}:host={host}:port={port}:timeout={max(1, math.ceil(timeout))}"
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    text = str(value) or type(value).__name__
+    return text.strip()
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    """Feeds frames to a :class:`RequestTracker`; nothing more."""
+
+    def connectionMade(self) -> None:
+        self.factory.protocol_instance = self
+        self._requests: RequestTracker | None = None
+        self._closed_waiters: list[Deferred[None]] = []
+        self._is_closed = False
+        super().connectionMade()
+
+    def onOpen(self) -> None:
+        factory = self.factory
+        self._requests = RequestTracker(
+            self._send, factory.reactor, factory.encoding, factory.request_timeout
+        )
+        client = SwarmClient(self._requests, self._close, factory.url)
+        _log.info("connected to {url}", url=factory.url)
+        if not factory.opened.called:
+            factory.opened.callback(client)
+
+    def _send(self, payload: bytes, is_binary: bool) -> None:
+        self.sendMessage(payload, isBinary=is_binary)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._requests is not None:
+            self._requests.frame_received(payload, isBinary)
+
+    def _close(self) -> Deferred[None]:
+        if self._is_closed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code=1000)
+        return d
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._is_closed = True
+        url = self.factory.url
+        if self._requests is not None:
+            why = f"connection to {url} closed" + (f": {reason}" if reason else "")
+            _log.info("disconnected from {url} ({code}, {reason})",
+                      url=url, code=code, reason=reason)
+            self._requests.fail_all(ConnectionClosed(why))
+        opened = self.factory.opened
+        if not opened.called:
+            opened.errback(Unavailable(
+                f"cannot connect to {url}: {reason or 'WebSocket handshake failed'}"
+            ))
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+class _ClientFactory(WebSocketClientFactory):
+    protocol = _ClientProtocol
+    protocol_instance: _ClientProtocol | None = None
+    opened: Deferred
+    encoding = "cbor"
+    request_timeout: float | None = 10.0
