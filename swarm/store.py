@@ -58,7 +58,8 @@ def measure(value: Any) -> int:
                 size += utf8_size(k)
                 stack.append(v)
         elif isinstance(item, int) and not isinstance(item, bool):
-            size += max(SCALAR_SIZE, (item.bit_length() + 8) // 8)
+            # two's complement bytes: -2**63 fits in 8 like 2**63 - 1
+            size += max(SCALAR_SIZE, ((~item if item < 0 else item).bit_length() + 8) // 8)
         else:
             size += SCALAR_SIZE
     return size
@@ -92,6 +93,12 @@ class IStore(Interface):
 
     def incr(key: str, delta: int, ttl: float | None) -> int:
         """Add ``delta`` to an integer entry (``ttl`` applies only if it is created)."""
+
+    def entries() -> list[tuple[str, Any, float | None]]:
+        """Every live entry as (key, value, seconds left or None), for handoffs."""
+
+    def take(keys: list[str]) -> list[list]:
+        """Remove and return the live entries among ``keys`` as [key, value, ttl]."""
 
     def sweep(limit: int) -> int:
         """Remove at most ``limit`` expired entries; how many were removed."""
@@ -263,10 +270,11 @@ class MemoryStore:
                 self._rebuild_deadlines()
 
     def _rebuild_deadlines(self) -> None:
+        """Drop stale and duplicate heap items (from the heap: permanent keys cost nothing)."""
+        entries = self._entries
         self._deadlines = [
-            (e.expires_at, k)
-            for k, e in self._entries.items()
-            if e.expires_at is not None
+            (d, k) for d, k in set(self._deadlines)
+            if k in entries and entries[k].expires_at == d
         ]
         heapq.heapify(self._deadlines)
 
@@ -282,12 +290,33 @@ class MemoryStore:
             self._remove(key, self._entries[key])
             self.evictions += 1
 
+    def entries(self) -> list[tuple[str, Any, float | None]]:
+        now = self._clock.seconds()
+        return [
+            (key, e.value, None if e.expires_at is None else e.expires_at - now)
+            for key, e in self._entries.items()
+            if e.expires_at is None or e.expires_at > now
+        ]
+
+    def take(self, keys: list[str]) -> list[list]:
+        now = self._clock.seconds()
+        taken = []
+        for key in keys:
+            entry = self._live(key)
+            if entry is not None:
+                ttl = None if entry.expires_at is None else entry.expires_at - now
+                taken.append([key, entry.value, ttl])
+                self._remove(key, entry)
+        return taken
+
     def sweep(self, limit: int | None = 200) -> int:
-        """Remove expired entries in deadline order, at most ``limit`` (None: all due)."""
+        """Remove expired entries in deadline order, looking at most at ``limit`` heap
+        items, stale ones included (None: everything due)."""
         now = self._clock.seconds()
         heap = self._deadlines
-        removed = 0
-        while heap and heap[0][0] <= now and (limit is None or removed < limit):
+        removed = looked = 0
+        while heap and heap[0][0] <= now and (limit is None or looked < limit):
+            looked += 1
             deadline, key = heapq.heappop(heap)
             entry = self._entries.get(key)
             if entry is not None and entry.expires_at == deadline:
@@ -297,6 +326,8 @@ class MemoryStore:
         return removed
 
     def stats(self) -> dict:
+        # Everything due goes now so ``keys`` counts live entries only; amortized, as
+        # each expired entry is removed once, here or by a later sweep.
         self.sweep(limit=None)
         return {
             "keys": len(self._entries),
