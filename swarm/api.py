@@ -24,6 +24,7 @@ class CacheOps:
         raise NotImplementedError
 
     def ping(self) -> Deferred:
+        """The id of the node that answers."""
         return self.request("ping").addCallback(_pick("node"))
 
     def get(self, key: str, default: Any = None) -> Deferred:
@@ -40,6 +41,10 @@ class CacheOps:
         nx: bool = False,
         xx: bool = False,
     ) -> Deferred:
+        """Store ``value``; fires with whether it was stored (``nx``/``xx`` may refuse).
+
+        ``ttl`` None leaves it to the node's default ttl (none, unless configured).
+        """
         args: dict[str, Any] = {"key": key, "value": value}
         if ttl is not None:
             args["ttl"] = ttl
@@ -50,6 +55,7 @@ class CacheOps:
         return self.request("set", **args).addCallback(_pick("stored"))
 
     def delete(self, key: str) -> Deferred:
+        """Delete ``key``; fires with whether there was one to delete."""
         return self.request("delete", key=key).addCallback(_pick("deleted"))
 
     def exists(self, key: str) -> Deferred:
@@ -66,18 +72,22 @@ class CacheOps:
         )
 
     def incr(self, key: str, delta: int = 1) -> Deferred:
+        """Add ``delta`` to the integer at ``key`` (missing counts as 0); the new value."""
         return self.request("incr", key=key, delta=delta).addCallback(_pick("value"))
 
     def mget(self, keys: list[str]) -> Deferred:
+        """The values of those ``keys`` that exist, as a dict."""
         return self.request("mget", keys=list(keys)).addCallback(_pick("values"))
 
     def mset(self, items: dict[str, Any], ttl: float | None = None) -> Deferred:
+        """Store every item (all or none); fires with how many were stored."""
         args: dict[str, Any] = {"items": dict(items)}
         if ttl is not None:
             args["ttl"] = ttl
         return self.request("mset", **args).addCallback(_pick("stored"))
 
     def stats(self) -> Deferred:
+        """The answering node's counters (keys, memory_bytes, hits, misses, ...)."""
         return self.request("stats").addCallback(_pick("stats"))
 
     def nodes(self) -> Deferred:
@@ -87,4 +97,5 @@ class CacheOps:
         )
 
     def owner(self, key: str) -> Deferred:
+        """The ids of the nodes that hold ``key``, primary first."""
         return self.request("owner", key=key).addCallback(_pick("nodes"))

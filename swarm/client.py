@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from swarm.api import CacheOps
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.wire import decode_frame, encode_frame
 
@@ -233,11 +234,13 @@ def _check_reply(reply: dict) -> dict:
 # -- the public face ---------------------------------------------------------------------
 
 
-class SwarmClient:
+class SwarmClient(CacheOps):
     """One connection to a node; every method returns a Deferred.
 
     Build it with :meth:`connect`. Calls need not wait for each other: many may be in
-    flight at once, and each fires when its own reply arrives.
+    flight at once, and each fires when its own reply arrives. The op methods (get,
+    set, incr, ...) come from :class:`swarm.api.CacheOps`, shared with the in-process
+    API of :class:`swarm.service.SwarmNode`.
     """
 
     def __init__(
@@ -344,82 +347,6 @@ class SwarmClient:
         """
         self._requests.fail_all(ConnectionClosed(f"connection to {self.url} closed by the client"))
         return self._closer()
-
-    # -- ops -----------------------------------------------------------------------------
-
-    def ping(self) -> Deferred[str]:
-        """The id of the node this client is connected to."""
-        return self.request("ping").addCallback(lambda r: r["node"])
-
-    def set(
-        self,
-        key: str,
-        value: Any,
-        ttl: float | None = None,
-        nx: bool = False,
-        xx: bool = False,
-    ) -> Deferred[bool]:
-        """Store ``value``; fires with whether it was stored (``nx``/``xx`` may refuse)."""
-        args: dict[str, Any] = {"key": key, "value": value}
-        if ttl is not None:
-            args["ttl"] = ttl
-        if nx:
-            args["nx"] = True
-        if xx:
-            args["xx"] = True
-        return self.request("set", **args).addCallback(lambda r: r["stored"])
-
-    def get(self, key: str, default: Any = None) -> Deferred[Any]:
-        """The value of ``key``, or ``default`` when there is none."""
-        return self.request("get", key=key).addCallback(
-            lambda r: r["value"] if r["found"] else default
-        )
-
-    def delete(self, key: str) -> Deferred[bool]:
-        """Delete ``key``; fires with whether there was one to delete."""
-        return self.request("delete", key=key).addCallback(lambda r: r["deleted"])
-
-    def exists(self, key: str) -> Deferred[bool]:
-        return self.request("exists", key=key).addCallback(lambda r: r["exists"])
-
-    def expire(self, key: str, ttl: float | None) -> Deferred[bool]:
-        """Set ``key`` to expire in ``ttl`` seconds (None: never); whether it was there."""
-        return self.request("expire", key=key, ttl=ttl).addCallback(lambda r: r["updated"])
-
-    def ttl(self, key: str) -> Deferred[tuple[bool, float | None]]:
-        """``(found, seconds left)``; seconds left is None when the entry does not expire."""
-        return self.request("ttl", key=key).addCallback(
-            lambda r: (bool(r["found"]), r.get("ttl"))
-        )
-
-    def incr(self, key: str, delta: int = 1) -> Deferred[int]:
-        """Add ``delta`` to the integer at ``key`` (missing counts as 0); the new value."""
-        return self.request("incr", key=key, delta=delta).addCallback(lambda r: r["value"])
-
-    def mget(self, keys: list[str]) -> Deferred[dict[str, Any]]:
-        """The values of those ``keys`` that exist."""
-        return self.request("mget", keys=list(keys)).addCallback(lambda r: r["values"])
-
-    def mset(self, items: dict[str, Any], ttl: float | None = None) -> Deferred[int]:
-        """Store every item; fires with how many were stored."""
-        args: dict[str, Any] = {"items": dict(items)}
-        if ttl is not None:
-            args["ttl"] = ttl
-        return self.request("mset", **args).addCallback(lambda r: r["stored"])
-
-    def stats(self) -> Deferred[dict[str, Any]]:
-        """The connected node's counters (keys, memory_bytes, hits, misses, ...)."""
-        return self.request("stats").addCallback(lambda r: r["stats"])
-
-    def nodes(self) -> Deferred[dict[str, Any]]:
-        """The swarm as the connected node sees it: ``{"self": id, "nodes": [...]}``."""
-        return self.request("nodes").addCallback(
-            lambda r: {k: v for k, v in r.items() if k not in ("id", "ok")}
-        )
-
-    def owner(self, key: str) -> Deferred[list[str]]:
-        """The ids of the nodes that hold ``key``, primary first."""
-        return self.request("owner", key=key).addCallback(lambda r: r["nodes"])
 
 
 # -- the Autobahn adapter ----------------------------------------------------------------

@@ -30,9 +30,14 @@ class FrameHandler:
     def handle(self, payload: bytes, is_binary: bool) -> bytes | Deferred:
         """The reply frame's payload, or a Deferred of it when a reply must wait."""
         try:
-            requests, is_batch = self.parser.split(decode_frame(payload, is_binary))
+            decoded = decode_frame(payload, is_binary)
         except SwarmError as e:
             return encode_frame(error_reply(None, e), is_binary)
+        try:
+            requests, is_batch = self.parser.split(decoded)
+        except SwarmError as e:
+            # A batch over the limit: still one reply per request, in order.
+            return encode_frame([error_reply(request_id(o), e) for o in decoded], is_binary)
         replies = [self._handle_one(obj) for obj in requests]
         waiting = [(i, r) for i, r in enumerate(replies) if isinstance(r, Deferred)]
         if not waiting:

@@ -16,7 +16,8 @@ class StoreCommands:
     """Runs the ops that read or write keys, on the local store."""
 
     OPS = frozenset(
-        ["get", "set", "delete", "exists", "expire", "ttl", "incr", "mget", "mset"]
+        ["get", "set", "delete", "exists", "expire", "ttl", "incr", "mget", "mset",
+         "restore", "take"]
     )
 
     def __init__(self, store: IStore, default_ttl: float | None = None) -> None:
@@ -68,3 +69,12 @@ class StoreCommands:
 
     def handle_mset(self, r: dict) -> dict:
         return {"stored": self.store.set_many(r["items"], self._ttl(r))}
+
+    def handle_restore(self, r: dict) -> dict:
+        stored = sum(
+            self.store.set(key, value, ttl, nx=True) for key, value, ttl in r["entries"]
+        )
+        return {"stored": stored}
+
+    def handle_take(self, r: dict) -> dict:
+        return {"entries": self.store.take(r["keys"])}

@@ -1,25 +1,40 @@
 """QueryRouter: where each validated request runs, and its reply.
 
-Every request, from a client connection or from the embedding API, goes through
-:meth:`QueryRouter.handle`, which answers with a reply dict, or with a Deferred of one
-when the answer must come from elsewhere. Key ops run on the store of the node that owns
-the key; node ops (ping, stats, nodes, owner) describe this node and its view of the
-swarm. Errors never escape: a :class:`SwarmError` becomes its error reply, anything else
-is logged and answered as ``internal``.
+Every request, from a client connection, the embedding API or a peer link, goes through
+:meth:`QueryRouter.route`. Node ops (ping, stats, nodes, owner) are answered here. A key
+op runs on this node's store when this node is the key's primary owner in its current
+view; otherwise it is forwarded one hop toward the owner, and that hop decides again
+with its own view. Every forwarded request carries the time it has left and the hops
+it may still take, so when two nodes briefly disagree about an owner (one has seen a
+join the other has not), the request ends in ``timeout`` or ``unavailable`` instead of
+bouncing forever. ``mget`` and ``mset`` are split by owner, sent in parallel, and merged.
+
+The answer is a reply dict, or a Deferred of one when it must come from elsewhere.
+Errors never escape: a :class:`SwarmError` becomes its error reply, anything else is
+logged and answered as ``internal``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from swarm.commands import StoreCommands
-from swarm.errors import InternalError, SwarmError
+from swarm.errors import InternalError, SwarmError, Unavailable, error_from_wire
 from swarm.logs import logger
-from swarm.wire import error_reply, ok_reply
+from swarm.overlay import Overlay
+from swarm.placement import Placement
+from swarm.wire import RequestParser, error_reply, ok_reply
 
 _log = logger(__name__)
+
+#: How long a request may take end to end, and how many hops it may travel.
+DEFAULT_REQUEST_TIMEOUT = 5.0
+DEFAULT_MAX_HOPS = 32
+#: For this long after a change of view, a key missing at its new owner is first
+#: taken from its previous owner, in case the handoff has not brought it yet.
+MIGRATION_WINDOW = 10.0
 
 
 class QueryRouter:
@@ -28,30 +43,183 @@ class QueryRouter:
         node_id: str,
         commands: StoreCommands,
         node_stats: Callable[[], dict],
+        overlay: Overlay,
+        replicas: int = 1,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_hops: int = DEFAULT_MAX_HOPS,
     ) -> None:
         self.node_id = node_id
         self.commands = commands
+        self.overlay = overlay
+        self.replicas = replicas
+        self.request_timeout = request_timeout
+        self.max_hops = max_hops
         self._node_stats = node_stats
+        self._peer_parser = RequestParser(internal=True)
+        self.placement = Placement([node_id], replicas)
+        self.previous: Placement | None = None
+        self._migrating_until = 0.0
         self._node_ops: dict[str, Callable[[dict], dict]] = {
             "ping": self.handle_ping,
             "stats": self.handle_stats,
             "nodes": self.handle_nodes,
             "owner": self.handle_owner,
         }
+        overlay.handle_request = self.route_forwarded
+
+    def view_changed(self) -> None:
+        """Recompute key placement over the nodes this node can reach now."""
+        reachable = self.overlay.membership.reachable
+        self.placement = Placement(reachable, self.replicas)
+        # Rendezvous placement moves keys only to a node that joins and only away from
+        # one that leaves, so a key this node owns now but lacks was, if anywhere, with
+        # its owner among the others.
+        others = reachable - {self.node_id}
+        self.previous = Placement(others, self.replicas) if others else None
+        self._migrating_until = self.overlay.clock.seconds() + MIGRATION_WINDOW
+
+    # -- entry points -----------------------------------------------------------------
 
     def handle(self, request: dict) -> dict | Deferred:
-        """The reply to one validated request (a Deferred when it is not ready yet)."""
-        rid = request["id"]
+        """A request that starts here (a client or the embedding API)."""
+        return self.route(request, self.request_timeout, self.max_hops)
+
+    def route_forwarded(
+        self, raw: Any, timeout: float, hops: int, to: str | None = None
+    ) -> dict | Deferred:
+        """A request a neighbor forwarded: validated again, then routed on."""
         try:
-            node_op = self._node_ops.get(request["op"])
+            request = self._peer_parser.parse(raw)
+        except SwarmError as e:
+            return error_reply(raw.get("id") if isinstance(raw, dict) else None, e)
+        return self.route(request, timeout, hops, to)
+
+    def route(
+        self, request: dict, timeout: float, hops: int, to: str | None = None
+    ) -> dict | Deferred:
+        """Run ``request`` here or send it on; ``to`` names the node that must run it."""
+        rid = request["id"]
+        op = request["op"]
+        try:
+            node_op = self._node_ops.get(op)
             if node_op is not None:
                 return ok_reply(rid, node_op(request))
-            return ok_reply(rid, self.commands.execute(request))
+            if to is not None and to != self.node_id:
+                return self._forward(to, request, timeout, hops, addressed=True)
+            if to is None and op in ("mget", "mset"):
+                return self._fan_out(request, timeout, hops)
+            if to is not None:
+                return ok_reply(rid, self.commands.execute(request))
+            owner = self.placement.primary(request["key"])
+            if owner == self.node_id:
+                return self._execute_owned(request, [request["key"]])
+            return self._forward(owner, request, timeout, hops)
         except SwarmError as e:
             return error_reply(rid, e)
         except Exception:
-            _log.failure("internal error handling {op}", op=request["op"])
+            _log.failure("internal error handling {op}", op=op)
             return error_reply(rid, InternalError("internal error"))
+
+    def _forward(
+        self, node: str, request: dict, timeout: float, hops: int, addressed: bool = False
+    ) -> Deferred:
+        if hops <= 0:
+            raise Unavailable(f"hop limit reached on the way to {node}")
+        try:
+            return self.overlay.forward(node, request, timeout, hops - 1, addressed)
+        except LookupError:
+            raise Unavailable(f"no route to node {node}") from None
+
+    def send_to(self, node: str, request: dict) -> Deferred:
+        """Run ``request`` on ``node`` itself, whatever the key's owner (handoffs)."""
+        try:
+            return self._forward(node, request, self.request_timeout, self.max_hops,
+                                 addressed=True)
+        except SwarmError as e:
+            return succeed(error_reply(request["id"], e))
+
+    # -- multi-key ops ----------------------------------------------------------------
+
+    def _fan_out(self, request: dict, timeout: float, hops: int) -> dict | Deferred:
+        """Split by owner, run the parts (here or forwarded), merge their results."""
+        op, rid = request["op"], request["id"]
+        primary = self.placement.primary
+        groups: dict[str, Any] = {}
+        if op == "mget":
+            for key in request["keys"]:
+                groups.setdefault(primary(key), []).append(key)
+            parts = {o: dict(request, keys=keys) for o, keys in groups.items()}
+        else:
+            for key, value in request["items"].items():
+                groups.setdefault(primary(key), {})[key] = value
+            parts = {o: dict(request, items=items) for o, items in groups.items()}
+        local = parts.pop(self.node_id, None)
+        replies = [self._forward(owner, part, timeout, hops) for owner, part in parts.items()]
+        if local is not None:
+            replies.append(self._execute_owned(local, local.get("keys", ())))
+
+        def merge(replies: list[dict]) -> dict:
+            for reply in replies:
+                if not reply.get("ok"):
+                    return error_reply(rid, error_from_wire(reply.get("error")))
+            return ok_reply(rid, self._merge(op, replies))
+
+        if any(isinstance(r, Deferred) for r in replies):
+            waiting = [r if isinstance(r, Deferred) else succeed(r) for r in replies]
+            return gatherResults(waiting).addCallback(merge)
+        return merge(replies)
+
+    # -- migration --------------------------------------------------------------------
+
+    def _execute_owned(self, request: dict, keys) -> dict | Deferred:
+        """Run a request on keys this node owns, first taking any of them that the
+        previous owner may still hold (plain ``set`` and ``mset`` need nothing old)."""
+        rid = request["id"]
+        plain_write = request["op"] == "mset" or (
+            request["op"] == "set" and not (request.get("nx") or request.get("xx"))
+        )
+        by_owner = {} if plain_write else self._still_elsewhere(keys)
+        if not by_owner:
+            return ok_reply(rid, self.commands.execute(request))
+        takes = [
+            self.send_to(prev, {"id": 0, "op": "take", "keys": ks})
+            for prev, ks in by_owner.items()
+        ]
+
+        def store_then_run(replies: list[dict]) -> dict:
+            for reply in replies:
+                for key, value, ttl in reply.get("entries", ()) if reply["ok"] else ():
+                    self.commands.store.set(key, value, ttl, nx=True)
+            try:
+                return ok_reply(rid, self.commands.execute(request))
+            except SwarmError as e:
+                return error_reply(rid, e)
+
+        return gatherResults(takes).addCallback(store_then_run)
+
+    def _still_elsewhere(self, keys) -> dict[str, list[str]]:
+        """Keys missing here whose previous owner, still reachable, may hold them."""
+        if self.previous is None or self.overlay.clock.seconds() > self._migrating_until:
+            return {}
+        reachable = self.overlay.membership.reachable
+        found: dict[str, list[str]] = {}
+        for key in keys:
+            prev = self.previous.primary(key)
+            if prev != self.node_id and prev in reachable and not self.commands.store.exists(key):
+                found.setdefault(prev, []).append(key)
+        return found
+
+    @staticmethod
+    def _merge(op: str, results: list[dict]) -> dict:
+        """Merge the parts' results (or replies: the same fields)."""
+        if op == "mget":
+            values: dict[str, Any] = {}
+            for r in results:
+                values.update(r["values"])
+            return {"values": values}
+        return {"stored": sum(r["stored"] for r in results)}
+
+    # -- node ops ---------------------------------------------------------------------
 
     def handle_ping(self, request: dict) -> dict:
         return {"node": self.node_id}
@@ -60,10 +228,7 @@ class QueryRouter:
         return {"stats": self._node_stats()}
 
     def handle_nodes(self, request: dict) -> dict:
-        return {
-            "self": self.node_id,
-            "nodes": [{"id": self.node_id, "neighbors": [], "hops": 0}],
-        }
+        return {"self": self.node_id, "nodes": self.overlay.membership.report()}
 
     def handle_owner(self, request: dict) -> dict:
-        return {"nodes": [self.node_id]}
+        return {"nodes": list(self.placement.owners(request["key"]))}

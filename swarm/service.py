@@ -21,7 +21,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.web.pages import errorPage
+from autobahn.twisted.resource import WebSocketResource
 
 import swarm
 from swarm.api import CacheOps
@@ -29,7 +29,12 @@ from swarm.client_protocol import ClientFactory, FrameHandler
 from swarm.commands import StoreCommands
 from swarm.errors import SwarmError, error_from_wire
 from swarm.logs import logger
-from swarm.router import QueryRouter
+from swarm.overlay import Overlay
+from swarm.peer_protocol import PeerServerFactory
+from swarm.placement import Placement
+from swarm.rebalance import Rebalancer
+from swarm.router import DEFAULT_REQUEST_TIMEOUT, QueryRouter
+from swarm.upstream import Upstream
 from swarm.store import IStore, MemoryStore
 from swarm.web import build_site
 from swarm.wire import Limits, RequestParser
@@ -45,6 +50,12 @@ SWEEP_INTERVAL = 0.1
 SWEEP_LIMIT = 500
 #: How long a stopping node waits for clients to acknowledge its close.
 CLOSE_GRACE = 2.0
+#: How long a stopping node may spend handing its entries to their next owners.
+HANDOFF_GRACE = 5.0
+DEFAULT_SWARM = "swarmcache"
+#: Peer links are pinged this often; a peer silent for interval + timeout is dropped.
+DEFAULT_PING_INTERVAL = 1.0
+DEFAULT_PING_TIMEOUT = 2.0
 
 
 def endpoint_description(port: str | int) -> str:
@@ -52,6 +63,12 @@ def endpoint_description(port: str | int) -> str:
     ``tcp:PORT`` to listen on every interface."""
     text = str(port).strip()
     return f"tcp:{text}:interface=127.0.0.1" if text.isdigit() else text
+
+
+def _endpoint(reactor, port: str | int | IStreamServerEndpoint) -> IStreamServerEndpoint:
+    if isinstance(port, (str, int)):
+        return serverFromString(reactor, endpoint_description(port))
+    return port
 
 
 def new_node_id() -> str:
@@ -133,12 +150,17 @@ class SwarmNode(MultiService, CacheOps):
         *,
         reactor: Any = None,
         node_id: str | None = None,
+        swarm: str = DEFAULT_SWARM,
+        peers: tuple[str, ...] = (),
+        peer_port: str | int | IStreamServerEndpoint | None = None,
+        replicas: int = 1,
         max_memory: int = DEFAULT_MAX_MEMORY,
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         default_ttl: float | None = None,
-        peers: tuple[str, ...] = (),
-        replicas: int = 1,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+        ping_timeout: float = DEFAULT_PING_TIMEOUT,
         limits: Limits = Limits(),
         store: IStore | None = None,
     ) -> None:
@@ -147,31 +169,64 @@ class SwarmNode(MultiService, CacheOps):
             from twisted.internet import reactor
         self.reactor = reactor
         self.node_id = node_id or new_node_id()
-        self.peers = tuple(peers)
         self.replicas = replicas
         self.store = store if store is not None else MemoryStore(
             reactor, max_memory=max_memory, max_value_bytes=max_value_size
         )
         self.parser = RequestParser(limits)
+        self.overlay = Overlay(
+            self.node_id, swarm, int(reactor.seconds() * 1000), reactor,
+            on_view_change=self._view_changed,
+        )
         self.router = QueryRouter(
-            self.node_id, StoreCommands(self.store, default_ttl), self._stats
+            self.node_id, StoreCommands(self.store, default_ttl), self._stats,
+            self.overlay, replicas=replicas, request_timeout=request_timeout,
+        )
+        self.rebalancer = Rebalancer(
+            self.node_id, self.store, lambda: self.router.placement,
+            self.router.send_to, reactor,
         )
         self.client_factory = ClientFactory(
             FrameHandler(self.parser, self.router), max_message_size
         )
-        if isinstance(port, (str, int)):
-            port = serverFromString(reactor, endpoint_description(port))
-        site = build_site(
-            self.client_factory,
-            errorPage(501, "Not Implemented", "This node takes no peer links yet."),
-            self._health,
+        self.peer_factory = PeerServerFactory(self.overlay, ping_interval, ping_timeout)
+        peer_resource = WebSocketResource(self.peer_factory)
+        factories: list = [self.client_factory, self.peer_factory]
+        self._ping = (ping_interval, ping_timeout)
+        self.upstreams: list[Upstream] = []
+        self._listener = _Listener(
+            _endpoint(reactor, port),
+            build_site(self.client_factory, peer_resource, self._health),
+            factories, reactor,
         )
-        self._listener = _Listener(port, site, [self.client_factory], reactor)
         self._listener.setServiceParent(self)
+        if peer_port is not None:
+            _Listener(
+                _endpoint(reactor, peer_port),
+                build_site(None, peer_resource, self._health), [], reactor,
+            ).setServiceParent(self)
+        for url in peers:
+            self.add_peer(url)
         sweeper = TimerService(SWEEP_INTERVAL, self.store.sweep, SWEEP_LIMIT)
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
         self._started_at: float | None = None
+
+    def add_peer(self, url: str) -> Upstream:
+        """Keep a link to the node at ``url`` (ws://host:port), from now on."""
+        upstream = Upstream(url, self.overlay, self.reactor, *self._ping)
+        self.upstreams.append(upstream)
+        self._listener.factories.append(upstream.factory)
+        upstream.setServiceParent(self)
+        return upstream
+
+    def _view_changed(self) -> None:
+        self.router.view_changed()
+        _log.info(
+            "swarm view of {node}: {count} nodes reachable",
+            node=self.node_id, count=len(self.overlay.membership.reachable),
+        )
+        self.rebalancer.schedule()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -184,8 +239,19 @@ class SwarmNode(MultiService, CacheOps):
         )
 
     def stopService(self) -> Deferred:
+        """Hand this node's entries to their next owners, then close everything."""
         _log.info("node {node} stopping", node=self.node_id)
-        return super().stopService()
+        self.rebalancer.stop()
+        others = self.overlay.membership.reachable - {self.node_id}
+        if others and self.store.stats()["keys"]:
+            handoff = self.rebalancer.run(Placement(others, self.replicas))
+            handoff.addTimeout(HANDOFF_GRACE, self.reactor)
+            handoff.addErrback(
+                lambda f: _log.warn("handoff incomplete: {e}", e=f.getErrorMessage())
+            )
+        else:
+            handoff = succeed(None)
+        return handoff.addCallback(lambda _: MultiService.stopService(self))
 
     def when_listening(self) -> Deferred:
         """Fires with the IListeningPort once the node listens (start it first)."""
@@ -217,7 +283,7 @@ class SwarmNode(MultiService, CacheOps):
         stats = {"node": self.node_id, "version": swarm.__version__}
         stats.update(self.store.stats())
         stats["uptime_s"] = round(self.reactor.seconds() - (self._started_at or 0), 3)
-        stats["peers"] = 0
+        stats["peers"] = len(self.overlay.neighbors)
         stats["connections"] = len(self.client_factory.connections)
         return stats
 

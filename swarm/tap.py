@@ -7,12 +7,18 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from swarm import logs
+from swarm.upstream import peer_endpoint_description
+from twisted.internet.endpoints import serverFromString
+
 from swarm.service import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_VALUE_SIZE,
     DEFAULT_PORT,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SWARM,
     SwarmNode,
+    endpoint_description,
 )
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
@@ -77,7 +83,13 @@ class Options(usage.Options):
          "connection with status 1009.", parse_size],
         ["default-ttl", None, 0.0,
          "Seconds to keep entries written without a ttl (0: no expiry).", _seconds],
+        ["peer-port", None, None,
+         "Endpoint for peer links only (default: peers use /peer on --port)."],
+        ["swarm", None, DEFAULT_SWARM,
+         "Swarm name; links between nodes of different swarms are refused."],
         ["replicas", None, 1, "How many nodes hold each key.", _positive_int],
+        ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT,
+         "Seconds a request may take end to end, hops included.", _seconds],
         ["log-level", None, "info", "One of: " + ", ".join(logs.LEVELS) + "."],
     ]
 
@@ -87,11 +99,26 @@ class Options(usage.Options):
 
     def opt_peer(self, url: str) -> None:
         """URL of a node to keep a link to (ws://host:port); repeatable."""
-        if not url.startswith(("ws://", "wss://")):
-            raise usage.UsageError(f"--peer needs a ws:// or wss:// URL, not {url!r}")
+        try:
+            peer_endpoint_description(url)
+        except ValueError as e:
+            raise usage.UsageError(f"--peer: {e}") from None
         self["peer"].append(url)
 
     def postOptions(self) -> None:
+        from twisted.internet import reactor
+
+        for option in ("port", "peer-port"):
+            if self[option] is None:
+                continue
+            try:
+                serverFromString(reactor, endpoint_description(self[option]))
+            except (ValueError, TypeError) as e:
+                raise usage.UsageError(
+                    f"--{option} {self[option]!r} is not an endpoint: {e}"
+                ) from None
+        if self["request-timeout"] <= 0:
+            raise usage.UsageError("--request-timeout must be more than 0")
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(
                 f"--log-level must be one of {', '.join(logs.LEVELS)}"
@@ -109,6 +136,8 @@ class _TwistdNode(SwarmNode):
             raise SystemExit(
                 f"swarmcache: cannot listen on {e.interface or '*'}:{e.port}: {reason}"
             ) from None
+        except OverflowError as e:  # tcp:99999
+            raise SystemExit(f"swarmcache: cannot listen: {e}") from None
 
 
 def makeService(options: Options) -> SwarmNode:
@@ -120,6 +149,9 @@ def makeService(options: Options) -> SwarmNode:
         max_value_size=options["max-value-size"],
         max_message_size=options["max-message-size"],
         default_ttl=options["default-ttl"],
+        swarm=options["swarm"],
         peers=tuple(options["peer"]),
+        peer_port=options["peer-port"],
         replicas=options["replicas"],
+        request_timeout=options["request-timeout"],
     )

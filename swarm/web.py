@@ -31,11 +31,13 @@ class HealthResource(Resource):
 
 def build_site(
     client_factory,
-    peer_resource: Resource,
+    peer_resource,
     health: Callable[[], tuple[bool, dict]],
 ) -> Site:
+    """The node's Site; without ``client_factory`` (a ``--peer-port``), peers only."""
     root = Resource()
-    root.putChild(b"", WebSocketResource(client_factory))
+    if client_factory is not None:
+        root.putChild(b"", WebSocketResource(client_factory))
     root.putChild(b"peer", peer_resource)
     root.putChild(b"health", HealthResource(health))
     return _QuietSite(root)

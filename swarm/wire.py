@@ -204,8 +204,9 @@ class RequestParser:
     send optional fields an older node ignores.
     """
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = Limits(), internal: bool = False) -> None:
         self.limits = limits
+        self._specs = dict(self.SPECS, **self.INTERNAL_SPECS) if internal else self.SPECS
         self._validators: dict[str, Callable[[str, Any], Any]] = {
             "key": self._key,
             "value": self._value,
@@ -214,6 +215,7 @@ class RequestParser:
             "delta": self._delta,
             "keys": self._keys,
             "items": self._items,
+            "entries": self._entries,
         }
 
     # op -> [(argument, validator, required)]
@@ -239,6 +241,15 @@ class RequestParser:
         "mset": [("items", "items", True), ("ttl", "ttl", False)],
     }
 
+    # Ops only nodes send each other (never accepted from clients).
+    INTERNAL_SPECS: dict[str, list[tuple[str, str, bool]]] = {
+        # Handing entries to their new owner: [[key, value, ttl or null], ...]; an
+        # entry is stored only where the key is absent, so newer writes win.
+        "restore": [("entries", "entries", True)],
+        # Moving entries from their previous owner on demand, right after a change.
+        "take": [("keys", "keys", True)],
+    }
+
     def parse(self, obj: Any) -> dict:
         if not isinstance(obj, dict):
             raise BadRequest("a request must be an object")
@@ -248,7 +259,7 @@ class RequestParser:
         op = obj.get("op")
         if not isinstance(op, str):
             raise BadRequest("a request needs an op that is a string")
-        spec = self.SPECS.get(op)
+        spec = self._specs.get(op)
         if spec is None:
             raise UnknownOp(f"unknown op {op!r}")
         request = {"id": rid, "op": op}
@@ -315,4 +326,15 @@ class RequestParser:
         for k, value in v.items():
             self._key("each key", k)
             self._value("each value", value)
+        return v
+
+    def _entries(self, name: str, v: Any) -> list:
+        if not isinstance(v, list) or not v:
+            raise BadRequest(f"{name} must be a non-empty array of [key, value, ttl]")
+        for entry in v:
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise BadRequest(f"each of {name} must be [key, value, ttl]")
+            self._key("each key", entry[0])
+            self._value("each value", entry[1])
+            self._ttl("each ttl", entry[2])
         return v

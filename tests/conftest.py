@@ -22,3 +22,33 @@ async def node():
     n = await start_node(node_id="test-node")
     yield n
     await n.stopService()
+
+
+async def until(condition, timeout: float = 15.0, interval: float = 0.02, what: str = ""):
+    """Wait for ``condition()`` to hold, polling; fail after ``timeout`` seconds."""
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+async def start_swarm(count: int, edges, **options) -> list[SwarmNode]:
+    """``count`` nodes named n0.. where (a, b) in ``edges`` means na dials nb; waits
+    until every node sees all the others."""
+    nodes = [await start_node(node_id=f"n{i}", **options) for i in range(count)]
+    for a, b in edges:
+        nodes[a].add_peer(nodes[b].url)
+    await until(
+        lambda: all(len(n.overlay.membership.reachable) == count for n in nodes),
+        what=f"{count} nodes to see each other",
+    )
+    return nodes
+
+
+async def stop_all(nodes) -> None:
+    from twisted.internet.defer import gatherResults
+
+    await gatherResults([n.stopService() for n in nodes if n.running])

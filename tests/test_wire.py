@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import math
 import signal
 import struct
 

@@ -1,0 +1,164 @@
+"""The swarm's map: who exists, who links to whom, and how to reach each node.
+
+Link-state, as in OSPF. Every node announces itself and its live links in an
+:class:`Announcement` versioned by ``(incarnation, seq)``: ``seq`` grows with every change
+of links, and ``incarnation`` (the node's start time in milliseconds) makes a restarted
+node outrank everything its previous life said. A node floods an announcement it has not
+seen before to every link but the one it came from, and drops ones it has seen, so a ring
+or a mesh carries each change over each link at most once in each direction: a change
+costs O(links) messages, and a new link costs one exchange of the two databases.
+
+The view is computed, not gossiped: a breadth-first search from this node over
+*bidirectional* edges (u lists v and v lists u) gives every reachable node, its hop count
+and the neighbor to forward through. A node whose links all died drops out of the view as
+soon as its neighbors' new announcements arrive, even though its own last announcement is
+still in the database; a node that comes back is welcomed by its newer announcement.
+Announcements of unreachable nodes are kept (one per node id, replaced by newer ones), so
+updates arriving out of order never lose a node.
+
+Pure logic: no I/O, no clock; the overlay feeds it and floods what it returns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One node's links as of one version."""
+
+    node: str
+    incarnation: int
+    seq: int
+    links: tuple[str, ...]
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.incarnation, self.seq)
+
+    def to_wire(self) -> dict:
+        return {
+            "node": self.node,
+            "inc": self.incarnation,
+            "seq": self.seq,
+            "links": list(self.links),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> "Announcement":
+        """Validate an announcement from a peer; ValueError if malformed."""
+        if not isinstance(obj, dict):
+            raise ValueError("an announcement must be a map")
+        node, inc, seq, links = (obj.get(k) for k in ("node", "inc", "seq", "links"))
+        if not isinstance(node, str) or not node:
+            raise ValueError("announcement node must be a non-empty string")
+        for name, n in (("inc", inc), ("seq", seq)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"announcement {name} must be a non-negative integer")
+        if not isinstance(links, list) or not all(
+            isinstance(x, str) and x for x in links
+        ):
+            raise ValueError("announcement links must be a list of node ids")
+        return cls(node, inc, seq, tuple(sorted(set(links))))
+
+
+class Membership:
+    """The announcement database of one node, and the view derived from it."""
+
+    def __init__(self, self_id: str, incarnation: int) -> None:
+        self.self_id = self_id
+        self._db: dict[str, Announcement] = {
+            self_id: Announcement(self_id, incarnation, 1, ())
+        }
+        self.hops: dict[str, int] = {}
+        self._next_hop: dict[str, str] = {}
+        self._recompute()
+
+    # -- inputs ---------------------------------------------------------------------
+
+    @property
+    def own(self) -> Announcement:
+        return self._db[self.self_id]
+
+    def set_links(self, neighbors: Iterable[str]) -> Announcement | None:
+        """Our live links changed: the new announcement to flood, or None if same."""
+        links = tuple(sorted(set(neighbors) - {self.self_id}))
+        own = self.own
+        if links == own.links:
+            return None
+        return self._replace_own(own.incarnation, own.seq + 1, links)
+
+    def receive(self, announcements: Iterable[Announcement]) -> list[Announcement]:
+        """Merge announcements from a peer; returns those to flood further.
+
+        An announcement about this node that is newer than ours (our previous life,
+        or a clock that went backwards) makes us re-announce with a higher version.
+        """
+        fresh: list[Announcement] = []
+        for ann in announcements:
+            known = self._db.get(ann.node)
+            if known is not None and ann.version <= known.version:
+                continue
+            if ann.node == self.self_id:
+                fresh.append(
+                    self._replace_own(ann.incarnation, ann.seq + 1, self.own.links)
+                )
+                continue
+            self._db[ann.node] = ann
+            fresh.append(ann)
+        if fresh:
+            self._recompute()
+        return fresh
+
+    def _replace_own(self, incarnation: int, seq: int, links: tuple) -> Announcement:
+        ann = Announcement(self.self_id, incarnation, seq, links)
+        self._db[self.self_id] = ann
+        self._recompute()
+        return ann
+
+    # -- the view -------------------------------------------------------------------
+
+    def _recompute(self) -> None:
+        db = self._db
+        hops = {self.self_id: 0}
+        next_hop: dict[str, str] = {}
+        queue = deque([self.self_id])
+        while queue:
+            u = queue.popleft()
+            for v in db[u].links:  # sorted: ties go to the smallest id
+                if v in hops or v not in db or u not in db[v].links:
+                    continue
+                hops[v] = hops[u] + 1
+                next_hop[v] = v if u == self.self_id else next_hop[u]
+                queue.append(v)
+        self.hops = hops
+        self._next_hop = next_hop
+
+    @property
+    def reachable(self) -> frozenset[str]:
+        return frozenset(self.hops)
+
+    def next_hop(self, node: str) -> str | None:
+        """The neighbor to forward through toward ``node`` (None: unreachable/self)."""
+        return self._next_hop.get(node)
+
+    def announcements(self) -> list[Announcement]:
+        """The whole database, for a newly linked peer."""
+        return list(self._db.values())
+
+    def report(self) -> list[dict]:
+        """The ``nodes`` op's list: every reachable node, its links and hop count."""
+        return [
+            {
+                "id": node,
+                "neighbors": [
+                    v for v in self._db[node].links
+                    if v in self.hops and node in self._db[v].links
+                ],
+                "hops": hops,
+            }
+            for node, hops in sorted(self.hops.items(), key=lambda kv: (kv[1], kv[0]))
+        ]

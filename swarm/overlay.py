@@ -1,0 +1,147 @@
+"""The overlay: this node's peer links, the membership they carry, and forwarding.
+
+Protocol adapters report links opening and closing and hand over decoded messages; the
+overlay keeps :class:`~swarm.membership.Membership` up to date, floods announcements,
+answers forwarded requests through the router's ``handle_forwarded`` and forwards this
+node's own requests to the neighbor on the shortest path toward a node.
+
+Two nodes that dial each other end up with two connections but one link: messages to a
+neighbor always go over its oldest live connection, the other stays idle as a spare, so
+nothing is closed and nothing flaps. Each connection has its own request tags, and a
+reply goes back on the connection its request came in on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from swarm.errors import InternalError, SwarmError, Timeout
+from swarm.links import PeerLink
+from swarm.logs import logger
+from swarm.membership import Announcement, Membership
+from swarm.peer_wire import hello
+from swarm.wire import error_reply
+
+_log = logger(__name__)
+
+#: (request, seconds left, hops left, node it is addressed to or None) -> reply dict
+#: or Deferred of one
+RequestHandler = Callable[[dict, float, int, "str | None"], "dict | Deferred"]
+
+
+class Overlay:
+    def __init__(
+        self,
+        node_id: str,
+        swarm_name: str,
+        incarnation: int,
+        clock,
+        on_view_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.node_id = node_id
+        self.swarm_name = swarm_name
+        self.incarnation = incarnation
+        self.clock = clock
+        self.membership = Membership(node_id, incarnation)
+        self.on_view_change = on_view_change
+        self.handle_request: RequestHandler | None = None
+        self._links: dict[str, list[PeerLink]] = {}
+
+    # -- links ------------------------------------------------------------------------
+
+    def hello(self) -> dict:
+        return hello(self.node_id, self.swarm_name, self.incarnation)
+
+    @property
+    def neighbors(self) -> list[str]:
+        return sorted(self._links)
+
+    def link_count(self) -> int:
+        return sum(len(v) for v in self._links.values())
+
+    def link_up(self, link: PeerLink) -> None:
+        links = self._links.setdefault(link.peer, [])
+        links.append(link)
+        if len(links) > 1:
+            _log.info("spare link to {peer} (it is already linked)", peer=link.peer)
+            return
+        _log.info("link to {peer} up", peer=link.peer)
+        link.send([{"t": "lsa", "anns": self._wire(self.membership.announcements())}])
+        self._links_changed()
+
+    def link_down(self, link: PeerLink, reason: str) -> None:
+        link.fail_all(f"link to {link.peer} lost: {reason}")
+        links = self._links.get(link.peer, [])
+        if link not in links:
+            return
+        links.remove(link)
+        if links:
+            return
+        del self._links[link.peer]
+        _log.info("link to {peer} down: {reason}", peer=link.peer, reason=reason)
+        self._links_changed()
+
+    def _links_changed(self) -> None:
+        before = self.membership.reachable
+        ann = self.membership.set_links(self._links)
+        if ann is not None:
+            self._spread([ann], None, before)
+
+    def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
+        before = self.membership.reachable
+        self._spread(self.membership.receive(anns), link.peer, before)
+
+    def _spread(self, fresh: list[Announcement], source: str | None, before) -> None:
+        """Flood what was new to every neighbor but its source; report view changes."""
+        if fresh:
+            message = [{"t": "lsa", "anns": self._wire(fresh)}]
+            for peer, links in self._links.items():
+                if peer != source:
+                    links[0].send(message)
+        if self.membership.reachable != before:
+            self.on_view_change()
+
+    @staticmethod
+    def _wire(anns: list[Announcement]) -> list[dict]:
+        return [a.to_wire() for a in anns]
+
+    # -- requests ---------------------------------------------------------------------
+
+    def forward(
+        self, node: str, request: dict, timeout: float, hops: int, addressed: bool = False
+    ) -> Deferred:
+        """Send ``request`` one hop toward ``node``; fires with the reply dict.
+
+        An ``addressed`` request runs on ``node`` itself; any other is routed again by
+        each hop's own view of the key's owner.
+        """
+        neighbor = self.membership.next_hop(node)
+        links = self._links.get(neighbor) if neighbor else None
+        if not links:
+            raise LookupError(node)
+        return links[0].call(request, timeout, hops, to=node if addressed else None)
+
+    def receive_request(self, link: PeerLink, msg: dict) -> None:
+        rid, request = msg["rid"], msg["req"]
+        timeout = msg["ms"] / 1000.0
+        try:
+            if timeout <= 0:
+                raise Timeout("the request's deadline passed on the way")
+            reply = maybeDeferred(
+                self.handle_request, request, timeout, msg["hops"], msg.get("to")
+            )
+        except SwarmError as e:
+            reply = maybeDeferred(error_reply, request.get("id"), e)
+
+        def failed(failure) -> dict:
+            _log.failure("forwarded request failed", failure)
+            return error_reply(request.get("id"), InternalError("internal error"))
+
+        reply.addErrback(failed)
+        reply.addCallback(lambda rep: link.send([{"t": "rep", "rid": rid, "rep": rep}]))
+
+    def receive_reply(self, link: PeerLink, msg: dict) -> None:
+        if not link.on_reply(msg["rid"], msg["rep"]):
+            _log.debug("late reply {rid} from {peer}", rid=msg["rid"], peer=link.peer)

@@ -1,0 +1,112 @@
+"""Peer frames: CBOR arrays of messages between linked nodes, validated in one place.
+
+Every peer frame is a binary WebSocket message holding a CBOR array of message maps,
+so batching many messages in one frame costs nothing extra. Each message has a type
+``t``:
+
+``hello``  ``node``, ``proto``, ``swarm``, ``inc`` -- first message each way on a link
+``lsa``    ``anns``: membership announcements to merge and flood
+``req``    ``rid``, ``ms`` (time left), ``hops`` (hops left), ``req`` (a request),
+           optional ``to`` (the node that must run it, else the key's owner does)
+``rep``    ``rid``, ``rep`` (the reply to the ``req`` with that ``rid`` on this link)
+
+A malformed frame or message raises :class:`PeerProtocolError`; the link is closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from swarm.membership import Announcement
+
+PROTOCOL_VERSION = 1
+
+#: WebSocket close codes a node uses on peer links (application range 4000-4999).
+CLOSE_REFUSED = 4000
+CLOSE_PROTOCOL_ERROR = 4001
+
+
+class PeerProtocolError(Exception):
+    """A peer sent something this node cannot accept."""
+
+
+def encode_peer_frame(messages: list[dict]) -> bytes:
+    return cbor2.dumps(messages)
+
+
+def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
+    if not is_binary:
+        raise PeerProtocolError("peer frames are binary CBOR")
+    try:
+        messages = cbor2.loads(payload)
+    except Exception as e:
+        raise PeerProtocolError(f"undecodable peer frame: {e}") from None
+    if not isinstance(messages, list):
+        raise PeerProtocolError("a peer frame is an array of messages")
+    return [_check(m) for m in messages]
+
+
+def _int(msg: dict, name: str) -> int:
+    v = msg.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise PeerProtocolError(f"{msg.get('t')}.{name} must be a non-negative integer")
+    return v
+
+
+def _map(msg: dict, name: str) -> dict:
+    v = msg.get(name)
+    if not isinstance(v, dict):
+        raise PeerProtocolError(f"{msg.get('t')}.{name} must be a map")
+    return v
+
+
+def _str(msg: dict, name: str) -> str:
+    v = msg.get(name)
+    if not isinstance(v, str) or not v:
+        raise PeerProtocolError(f"{msg.get('t')}.{name} must be a non-empty string")
+    return v
+
+
+def _check(msg: Any) -> dict:
+    if not isinstance(msg, dict):
+        raise PeerProtocolError("a peer message is a map")
+    t = msg.get("t")
+    if t == "hello":
+        _str(msg, "node"), _str(msg, "swarm"), _int(msg, "proto"), _int(msg, "inc")
+    elif t == "lsa":
+        anns = msg.get("anns")
+        if not isinstance(anns, list):
+            raise PeerProtocolError("lsa.anns must be an array")
+        try:
+            msg["anns"] = [Announcement.from_wire(a) for a in anns]
+        except ValueError as e:
+            raise PeerProtocolError(str(e)) from None
+    elif t == "req":
+        _int(msg, "rid"), _int(msg, "ms"), _int(msg, "hops"), _map(msg, "req")
+        if "to" in msg:
+            _str(msg, "to")
+    elif t == "rep":
+        _int(msg, "rid"), _map(msg, "rep")
+    else:
+        raise PeerProtocolError(f"unknown peer message type {t!r}")
+    return msg
+
+
+def hello(node: str, swarm: str, incarnation: int) -> dict:
+    return {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
+            "inc": incarnation}
+
+
+def check_hello(msg: dict, self_id: str, swarm: str) -> str | None:
+    """Why a hello is refused, or None to accept it."""
+    if msg["t"] != "hello":
+        return "the first message on a peer link must be hello"
+    if msg["proto"] != PROTOCOL_VERSION:
+        return f"peer protocol {msg['proto']} is not {PROTOCOL_VERSION}"
+    if msg["swarm"] != swarm:
+        return f"peer is in swarm {msg['swarm']!r}, this node in {swarm!r}"
+    if msg["node"] == self_id:
+        return f"peer has this node's own id {self_id!r} (a link to itself?)"
+    return None

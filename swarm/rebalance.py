@@ -1,0 +1,109 @@
+"""Rebalancing: entries follow their keys' ownership when the swarm changes.
+
+After every change of view (a node joined, left or became unreachable) this node looks
+for entries whose key it no longer owns and hands them to the new primary owner, in
+chunks, as ``restore`` requests routed like any other; once the owner has them, the
+local copy is dropped, so ``--replicas 1`` still means one copy. ``restore`` stores an
+entry only where the key is absent: a value written at the new owner after the change
+is newer and wins. A node stopping gracefully does the same with itself left out of the
+placement, before it closes its links.
+
+Runs never overlap: a view change during a run schedules one more run after it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+
+from swarm.logs import logger
+from swarm.placement import Placement
+from swarm.store import IStore
+
+_log = logger(__name__)
+
+CHUNK = 256
+#: Changes often come in bursts (a link-state flood): wait this long to act once.
+SETTLE = 0.05
+
+
+class Rebalancer:
+    def __init__(
+        self,
+        node_id: str,
+        store: IStore,
+        placement: Callable[[], Placement],
+        send: Callable[[str, dict], Deferred],
+        clock,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self._placement = placement
+        self._send = send  # (owner, restore request) -> Deferred[reply]
+        self.clock = clock
+        self._scheduled = None
+        self._running: Deferred | None = None
+        self._again = False
+        self.moved = 0
+
+    def schedule(self) -> None:
+        if self._running is not None:
+            self._again = True
+        elif self._scheduled is None:
+            self._scheduled = self.clock.callLater(SETTLE, self._start)
+
+    def _start(self) -> None:
+        self._scheduled = None
+        self._running = self.run(self._placement())
+        self._running.addBoth(self._finished)
+
+    def _finished(self, result) -> None:
+        self._running = None
+        if self._again:
+            self._again = False
+            self.schedule()
+
+    def run(self, placement: Placement) -> Deferred:
+        """Hand every entry this node does not own under ``placement``; fires with the
+        number of entries handed over."""
+        groups: dict[str, list] = {}
+        for key, value, ttl in self.store.entries():
+            owners = placement.owners(key)
+            if self.node_id not in owners:
+                groups.setdefault(owners[0], []).append([key, value, ttl])
+        if not groups:
+            return succeed(0)
+        sends = [
+            self._hand_over(owner, entries[i:i + CHUNK])
+            for owner, entries in groups.items()
+            for i in range(0, len(entries), CHUNK)
+        ]
+        return gatherResults(sends).addCallback(sum)
+
+    def _hand_over(self, owner: str, entries: list) -> Deferred:
+        request = {"id": 0, "op": "restore", "entries": entries}
+
+        def done(reply: dict) -> int:
+            if not reply.get("ok"):
+                _log.warn("handing {n} entries to {owner} failed: {error}",
+                          n=len(entries), owner=owner, error=reply.get("error"))
+                return 0
+            for key, _, _ in entries:
+                self.store.delete(key)
+            self.moved += len(entries)
+            _log.debug("handed {n} entries to {owner}", n=len(entries), owner=owner)
+            return len(entries)
+
+        def failed(failure) -> int:
+            _log.warn("handing {n} entries to {owner} failed: {error}",
+                      n=len(entries), owner=owner, error=failure.getErrorMessage())
+            return 0
+
+        return maybeDeferred(self._send, owner, request).addCallbacks(done, failed)
+
+    def stop(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+

@@ -1,0 +1,81 @@
+"""One reconnecting link per ``--peer``: a ClientService with a retry policy of its own.
+
+``ClientService`` counts only failed TCP connects, and starts again from zero on every
+connect, so a peer that accepts TCP but fails or refuses the WebSocket handshake would
+be redialled every couple of seconds forever. The policy here also counts handshake
+failures and resets only once a link is really up (hello accepted), with exponential
+backoff and jitter so a swarm restarting at once does not redial in lockstep.
+"""
+
+from __future__ import annotations
+
+import random
+from urllib.parse import urlsplit
+
+from twisted.application.internet import ClientService
+from twisted.internet.endpoints import clientFromString
+
+from swarm.links import PeerLink
+from swarm.logs import logger
+from swarm.overlay import Overlay
+from swarm.peer_protocol import PeerClientFactory
+
+_log = logger(__name__)
+
+
+def peer_endpoint_description(url: str) -> tuple[str, str]:
+    """(Twisted client endpoint description, WebSocket URL at /peer) for ``url``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"a peer URL looks like ws://host:port, not {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    host = parts.hostname
+    kind = "tls" if secure else "tcp"
+    description = f"{kind}:host={host}:port={port}:timeout=5"
+    netloc = f"[{host}]" if ":" in host else host
+    return description, f"{parts.scheme}://{netloc}:{port}/peer"
+
+
+class RetryPolicy:
+    """Exponential backoff with full jitter over connect *and* handshake failures."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, rng=random.random):
+        self.initial = initial
+        self.maximum = maximum
+        self.rng = rng
+        self.handshake_failures = 0
+
+    def __call__(self, failed_connects: int) -> float:
+        attempts = failed_connects + self.handshake_failures
+        ceiling = min(self.maximum, self.initial * 2 ** min(attempts, 32))
+        return ceiling * (0.5 + 0.5 * self.rng())
+
+
+class Upstream(ClientService):
+    """Keeps a link to one configured peer URL."""
+
+    def __init__(self, url: str, overlay: Overlay, reactor, ping_interval: float,
+                 ping_timeout: float) -> None:
+        description, ws_url = peer_endpoint_description(url)
+        self.url = url
+        self.policy = RetryPolicy()
+        self.peer_id: str | None = None
+        factory = PeerClientFactory(
+            ws_url, overlay, ping_interval, ping_timeout,
+            on_linked=self._linked, on_handshake_failed=self._handshake_failed,
+        )
+        self.factory = factory
+        super().__init__(
+            clientFromString(reactor, description), factory,
+            retryPolicy=self.policy, clock=reactor,
+        )
+
+    def _linked(self, link: PeerLink) -> None:
+        self.policy.handshake_failures = 0
+        self.peer_id = link.peer
+
+    def _handshake_failed(self, reason: str) -> None:
+        self.policy.handshake_failures += 1
+        _log.warn("link to {url} failed before hello: {reason}", url=self.url,
+                  reason=reason)

@@ -1,0 +1,220 @@
+"""Swarms of real nodes on loopback, in the shapes networks force on them."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import pytest_twisted
+
+from swarm.client import SwarmClient
+from swarm.errors import Unavailable
+
+from conftest import start_node, start_swarm, stop_all, until
+
+LINE5 = [(i, i + 1) for i in range(4)]
+RING4 = [(0, 1), (1, 2), (2, 3), (3, 0)]
+TREE7 = [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
+STAR5 = [(i, 0) for i in range(1, 5)]
+MESH4 = list(itertools.combinations(range(4), 2))
+
+
+async def every_node_reads_every_write(nodes) -> None:
+    """Set a key through each node, read and delete it through each other node."""
+    for i, writer in enumerate(nodes):
+        for j, reader in enumerate(nodes):
+            key = f"k-{i}-{j}"
+            assert await writer.set(key, [i, j]) is True
+            assert await reader.get(key) == [i, j]
+            assert await reader.exists(key) is True
+            assert await reader.delete(key) is True
+            assert await writer.get(key, "gone") == "gone"
+
+
+def exactly_one_copy(nodes, keys) -> bool:
+    return all(sum(n.store.exists(k) for n in nodes) == 1 for k in keys)
+
+
+@pytest.mark.parametrize(
+    "count,edges", [(5, LINE5), (4, RING4), (7, TREE7), (5, STAR5), (4, MESH4)],
+    ids=["line5", "ring4", "tree7", "star5", "mesh4"],
+)
+@pytest_twisted.ensureDeferred
+async def test_every_node_sees_every_key(count, edges):
+    nodes = await start_swarm(count, edges)
+    try:
+        await every_node_reads_every_write(nodes)
+        keys = [f"key{i}" for i in range(60)]
+        await nodes[0].mset({k: k for k in keys})
+        assert await nodes[-1].mget(keys + ["absent"]) == {k: k for k in keys}
+        assert exactly_one_copy(nodes, keys)
+        # the owner op agrees everywhere and names the node that holds the key
+        owners = {tuple(await n.owner("key7")) for n in nodes}
+        assert len(owners) == 1
+        (holder,) = owners.pop()
+        assert next(n for n in nodes if n.node_id == holder).store.exists("key7")
+    finally:
+        await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_op_reports_hops_and_neighbors_on_a_line():
+    nodes = await start_swarm(5, LINE5)
+    try:
+        view = await nodes[0].nodes()
+        assert view["self"] == "n0"
+        by_id = {n["id"]: n for n in view["nodes"]}
+        assert {k: v["hops"] for k, v in by_id.items()} == {f"n{i}": i for i in range(5)}
+        assert sorted(by_id["n2"]["neighbors"]) == ["n1", "n3"]
+        assert by_id["n4"]["neighbors"] == ["n3"]
+    finally:
+        await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_seed_scenario_two_clients_two_nodes():
+    """C2 reaches only N2, N2 links to N1, C1 uses N1: both share the same keys."""
+    n1 = await start_node(node_id="N1")
+    n2 = await start_node(node_id="N2", peers=(n1.url,))
+    try:
+        await until(lambda: len(n2.overlay.membership.reachable) == 2)
+        c1 = await SwarmClient.connect(n1.url)
+        c2 = await SwarmClient.connect(n2.url)
+        for i in range(20):
+            await c2.set(f"shared{i}", {"from": "C2", "i": i})
+        for i in range(20):
+            assert await c1.get(f"shared{i}") == {"from": "C2", "i": i}
+        assert await c1.incr("counter") == 1
+        assert await c2.incr("counter") == 2
+        assert exactly_one_copy([n1, n2], [f"shared{i}" for i in range(20)])
+        await c1.close()
+        await c2.close()
+    finally:
+        await stop_all([n2, n1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_that_dial_each_other_have_one_link():
+    a = await start_node(node_id="a")
+    b = await start_node(node_id="b", peers=(a.url,))
+    a.add_peer(b.url)
+    try:
+        await until(lambda: a.overlay.link_count() == 2 and b.overlay.link_count() == 2,
+                    what="both connections up")
+        assert a.overlay.neighbors == ["b"] and b.overlay.neighbors == ["a"]
+        await every_node_reads_every_write([a, b])
+        # nothing flaps: the same two connections are still up a little later
+        before = list(a.peer_factory.connections) + list(b.peer_factory.connections)
+        await until(lambda: a.overlay.membership.own.seq >= 2)
+        assert list(a.peer_factory.connections) + list(b.peer_factory.connections) == before
+        assert a.overlay.membership.own.seq == 2  # one link came up, no down/up churn
+    finally:
+        await stop_all([a, b])
+
+
+@pytest_twisted.ensureDeferred
+async def test_ring_reroutes_around_a_dead_node():
+    nodes = await start_swarm(4, RING4)
+    try:
+        victim = nodes[1]
+        # abrupt death: no goodbye, no handoff
+        victim._listener.port.stopListening()
+        for f in victim._listener.factories:
+            for p in list(f.connections):
+                p.transport.abortConnection()
+        for u in victim.upstreams:
+            u.stopService()
+        survivors = [nodes[0], nodes[2], nodes[3]]
+        await until(lambda: all(len(n.overlay.membership.reachable) == 3 for n in survivors),
+                    what="survivors to drop the dead node")
+        assert all("n1" not in n.overlay.membership.reachable for n in survivors)
+        # n0 and n2 were linked only through n1 and n3: traffic goes round via n3
+        assert nodes[0].overlay.membership.hops["n2"] == 2
+        await every_node_reads_every_write(survivors)
+    finally:
+        await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_written_before_a_join_is_readable_after_it():
+    nodes = await start_swarm(3, [(1, 0), (2, 1)])
+    newcomer = None
+    try:
+        keys = [f"pre{i}" for i in range(300)]
+        await nodes[0].mset({k: i for i, k in enumerate(keys)})
+        newcomer = await start_node(node_id="n3", peers=(nodes[2].url,))
+        everyone = nodes + [newcomer]
+        await until(lambda: all(len(n.overlay.membership.reachable) == 4 for n in everyone))
+        # reads are right at once: the newcomer takes what the handoff has not brought
+        for n in everyone:
+            assert await n.mget(keys) == {k: i for i, k in enumerate(keys)}
+        await until(lambda: exactly_one_copy(everyone, keys), what="handoffs to finish")
+        # the newcomer owns about a quarter of the keys
+        assert 30 < len(newcomer.store) < 150
+    finally:
+        await stop_all(nodes + ([newcomer] if newcomer else []))
+
+
+@pytest_twisted.ensureDeferred
+async def test_graceful_leave_hands_keys_over():
+    nodes = await start_swarm(3, [(1, 0), (2, 0)])
+    try:
+        keys = [f"k{i}" for i in range(200)]
+        await nodes[1].mset({k: k for k in keys})
+        leaver = nodes[0]
+        assert len(leaver.store) > 0
+        await leaver.stopService()
+        rest = nodes[1:]
+        # n1 and n2 were linked only through n0: link them, and nothing is lost
+        rest[0].add_peer(rest[1].url)
+        await until(lambda: all(len(n.overlay.membership.reachable) == 2 for n in rest))
+        assert await rest[0].mget(keys) == {k: k for k in keys}
+        assert exactly_one_copy(rest, keys)
+    finally:
+        await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_owner_is_unavailable_not_a_hang():
+    nodes = await start_swarm(2, [(1, 0)])
+    try:
+        # make n0 believe n1 owns everything while no link leads there
+        n0 = nodes[0]
+        for link in list(n0.peer_factory.connections):
+            link.transport.abortConnection()
+        await until(lambda: n0.overlay.membership.reachable == {"n0"})
+        from swarm.placement import Placement
+
+        n0.router.placement = Placement(["n1"], 1)
+        with pytest.raises(Unavailable):
+            await n0.get("anything")
+    finally:
+        await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_of_another_swarm_is_refused_and_backed_off():
+    a = await start_node(node_id="a", swarm="blue")
+    b = await start_node(node_id="b", swarm="green")
+    try:
+        upstream = b.add_peer(a.url)
+        await until(lambda: upstream.policy.handshake_failures >= 2,
+                    what="the refused dialer to count failed handshakes")
+        assert a.overlay.neighbors == [] and b.overlay.neighbors == []
+        assert (await b.nodes())["nodes"] == [{"id": "b", "neighbors": [], "hops": 0}]
+        # refusals count toward the backoff, so redials slow down
+        assert upstream.policy(0) >= 0.5 * 0.5 * 2 ** 2
+    finally:
+        await stop_all([a, b])
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_with_this_nodes_own_id_is_refused():
+    a = await start_node(node_id="same")
+    b = await start_node(node_id="same")
+    try:
+        upstream = b.add_peer(a.url)
+        await until(lambda: upstream.policy.handshake_failures >= 1)
+        assert a.overlay.neighbors == [] and b.overlay.neighbors == []
+    finally:
+        await stop_all([a, b])
