@@ -14,7 +14,8 @@ and the neighbor to forward through. A node whose links all died drops out of th
 soon as its neighbors' new announcements arrive, even though its own last announcement is
 still in the database; a node that comes back is welcomed by its newer announcement.
 Announcements of unreachable nodes are kept (one per node id, replaced by newer ones), so
-updates arriving out of order never lose a node.
+updates arriving out of order never lose a node. A stopping node announces ``leaving``:
+it still relays, but no longer owns keys (:attr:`Membership.owners`).
 
 Pure logic: no I/O, no clock; the overlay feeds it and floods what it returns.
 """
@@ -34,18 +35,23 @@ class Announcement:
     incarnation: int
     seq: int
     links: tuple[str, ...]
+    #: The node is stopping: still a router, no longer an owner of keys.
+    leaving: bool = False
 
     @property
     def version(self) -> tuple[int, int]:
         return (self.incarnation, self.seq)
 
     def to_wire(self) -> dict:
-        return {
+        wire = {
             "node": self.node,
             "inc": self.incarnation,
             "seq": self.seq,
             "links": list(self.links),
         }
+        if self.leaving:
+            wire["leaving"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, obj: Any) -> "Announcement":
@@ -62,7 +68,10 @@ class Announcement:
             isinstance(x, str) and x for x in links
         ):
             raise ValueError("announcement links must be a list of node ids")
-        return cls(node, inc, seq, tuple(sorted(set(links))))
+        leaving = obj.get("leaving", False)
+        if not isinstance(leaving, bool):
+            raise ValueError("announcement leaving must be a boolean")
+        return cls(node, inc, seq, tuple(sorted(set(links))), leaving)
 
 
 class Membership:
@@ -89,7 +98,12 @@ class Membership:
         own = self.own
         if links == own.links:
             return None
-        return self._replace_own(own.incarnation, own.seq + 1, links)
+        return self._replace_own(own.incarnation, own.seq + 1, links, own.leaving)
+
+    def set_leaving(self) -> Announcement:
+        """This node is stopping: the announcement that takes it out of placement."""
+        own = self.own
+        return self._replace_own(own.incarnation, own.seq + 1, own.links, True)
 
     def receive(self, announcements: Iterable[Announcement]) -> list[Announcement]:
         """Merge announcements from a peer; returns those to flood further.
@@ -103,8 +117,9 @@ class Membership:
             if known is not None and ann.version <= known.version:
                 continue
             if ann.node == self.self_id:
+                own = self.own
                 fresh.append(
-                    self._replace_own(ann.incarnation, ann.seq + 1, self.own.links)
+                    self._replace_own(ann.incarnation, ann.seq + 1, own.links, own.leaving)
                 )
                 continue
             self._db[ann.node] = ann
@@ -113,8 +128,10 @@ class Membership:
             self._recompute()
         return fresh
 
-    def _replace_own(self, incarnation: int, seq: int, links: tuple) -> Announcement:
-        ann = Announcement(self.self_id, incarnation, seq, links)
+    def _replace_own(
+        self, incarnation: int, seq: int, links: tuple, leaving: bool
+    ) -> Announcement:
+        ann = Announcement(self.self_id, incarnation, seq, links, leaving)
         self._db[self.self_id] = ann
         self._recompute()
         return ann
@@ -140,6 +157,11 @@ class Membership:
     @property
     def reachable(self) -> frozenset[str]:
         return frozenset(self.hops)
+
+    @property
+    def owners(self) -> frozenset[str]:
+        """Reachable nodes that may own keys: all but those announcing they leave."""
+        return frozenset(n for n in self.hops if not self._db[n].leaving)
 
     def next_hop(self, node: str) -> str | None:
         """The neighbor to forward through toward ``node`` (None: unreachable/self)."""

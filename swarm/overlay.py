@@ -48,6 +48,7 @@ class Overlay:
         self.on_view_change = on_view_change
         self.handle_request: RequestHandler | None = None
         self._links: dict[str, list[PeerLink]] = {}
+        self._serving = 0  # forwarded requests received and not yet answered
 
     # -- links ------------------------------------------------------------------------
 
@@ -84,14 +85,23 @@ class Overlay:
         self._links_changed()
 
     def _links_changed(self) -> None:
-        before = self.membership.reachable
+        before = self._view()
         ann = self.membership.set_links(self._links)
         if ann is not None:
             self._spread([ann], None, before)
 
+    def leave(self) -> None:
+        """Tell the swarm this node is stopping, so no key is placed on it any more."""
+        before = self._view()
+        self._spread([self.membership.set_leaving()], None, before)
+
     def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
-        before = self.membership.reachable
+        before = self._view()
         self._spread(self.membership.receive(anns), link.peer, before)
+
+    def _view(self) -> tuple[frozenset, frozenset]:
+        """What placement depends on: who is reachable, and who may own keys."""
+        return self.membership.reachable, self.membership.owners
 
     def _spread(self, fresh: list[Announcement], source: str | None, before) -> None:
         """Flood what was new to every neighbor but its source; report view changes."""
@@ -100,7 +110,7 @@ class Overlay:
             for peer, links in self._links.items():
                 if peer != source:
                     links[0].send(message)
-        if self.membership.reachable != before:
+        if self._view() != before:
             self.on_view_change()
 
     @staticmethod
@@ -139,8 +149,20 @@ class Overlay:
             _log.failure("forwarded request failed", failure)
             return error_reply(request.get("id"), InternalError("internal error"))
 
+        def answer(rep: dict) -> None:
+            self._serving -= 1
+            link.send([{"t": "rep", "rid": rid, "rep": rep}])
+
+        self._serving += 1
         reply.addErrback(failed)
-        reply.addCallback(lambda rep: link.send([{"t": "rep", "rid": rid, "rep": rep}]))
+        reply.addCallback(answer)
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests are in flight through this node (in or out)."""
+        return self._serving > 0 or any(
+            link.pending for links in self._links.values() for link in links
+        )
 
     def receive_reply(self, link: PeerLink, msg: dict) -> None:
         if not link.on_reply(msg["rid"], msg["rep"]):

@@ -103,7 +103,9 @@ class Rebalancer:
         return maybeDeferred(self._send, owner, request).addCallbacks(done, failed)
 
     def stop(self) -> None:
+        """No more scheduled runs (a run under way finishes)."""
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
+        self._again = False
 

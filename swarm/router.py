@@ -69,12 +69,13 @@ class QueryRouter:
 
     def view_changed(self) -> None:
         """Recompute key placement over the nodes this node can reach now."""
-        reachable = self.overlay.membership.reachable
-        self.placement = Placement(reachable, self.replicas)
+        membership = self.overlay.membership
+        owners = membership.owners or frozenset([self.node_id])
+        self.placement = Placement(owners, self.replicas)
         # Rendezvous placement moves keys only to a node that joins and only away from
         # one that leaves, so a key this node owns now but lacks was, if anywhere, with
-        # its owner among the others.
-        others = reachable - {self.node_id}
+        # its owner among the others (a leaving node included: it still holds its keys).
+        others = membership.reachable - {self.node_id}
         self.previous = Placement(others, self.replicas) if others else None
         self._migrating_until = self.overlay.clock.seconds() + MIGRATION_WINDOW
 

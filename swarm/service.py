@@ -20,6 +20,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from autobahn.twisted.resource import WebSocketResource
 
@@ -241,8 +242,11 @@ class SwarmNode(MultiService, CacheOps):
     def stopService(self) -> Deferred:
         """Hand this node's entries to their next owners, then close everything."""
         _log.info("node {node} stopping", node=self.node_id)
+        # First leave placement everywhere (new writes go to the next owners), then
+        # hand over: the announcement travels ahead of the handoff on every path.
+        self.overlay.leave()
         self.rebalancer.stop()
-        others = self.overlay.membership.reachable - {self.node_id}
+        others = self.overlay.membership.owners - {self.node_id}
         if others and self.store.stats()["keys"]:
             handoff = self.rebalancer.run(Placement(others, self.replicas))
             handoff.addTimeout(HANDOFF_GRACE, self.reactor)
@@ -251,7 +255,17 @@ class SwarmNode(MultiService, CacheOps):
             )
         else:
             handoff = succeed(None)
+        handoff.addCallback(
+            lambda _: Deferred.fromCoroutine(
+                self._drain(self.reactor.seconds() + HANDOFF_GRACE)
+            )
+        )
         return handoff.addCallback(lambda _: MultiService.stopService(self))
+
+    async def _drain(self, deadline: float) -> None:
+        """Let requests already travelling through this node finish (until deadline)."""
+        while self.overlay.busy and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.01, lambda: None)
 
     def when_listening(self) -> Deferred:
         """Fires with the IListeningPort once the node listens (start it first)."""

@@ -218,3 +218,24 @@ async def test_peer_with_this_nodes_own_id_is_refused():
         assert a.overlay.neighbors == [] and b.overlay.neighbors == []
     finally:
         await stop_all([a, b])
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_during_a_graceful_leave_are_not_lost():
+    nodes = await start_swarm(3, [(0, 1), (1, 2), (2, 0)])  # a triangle
+    try:
+        leaver, stayer = nodes[0], nodes[1]
+        before = {f"old{i}": i for i in range(200)}
+        await stayer.mset(before)
+        stopping = leaver.stopService()
+        # written while the leaver hands over; some would have been its keys
+        during = {f"new{i}": i for i in range(200)}
+        await stayer.mset(during)
+        await stopping
+        rest = nodes[1:]
+        await until(lambda: all(len(n.overlay.membership.reachable) == 2 for n in rest))
+        for n in rest:
+            assert await n.mget(list(before) + list(during)) == {**before, **during}
+        assert exactly_one_copy(rest, list(before) + list(during))
+    finally:
+        await stop_all(nodes)
