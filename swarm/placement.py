@@ -20,15 +20,19 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from array import array
 from collections import deque
 from itertools import repeat
+from operator import itemgetter
 from typing import Iterable, Sequence
 
 #: Number of fixed partitions. 4096 rather than Hazelcast's 271 or 1024: at 32 nodes the
 #: busiest node's share of primaries is about 1.2x the mean (1.4x with 1024, 1.8x with 271).
 PARTITIONS = 4096
 
-_SCORES = struct.Struct(f">{PARTITIONS}Q")
+# Score rows are assembled from 8-byte words; "Q" is 8 bytes on every CPython platform.
+if array("Q").itemsize != 8:  # pragma: no cover
+    raise ImportError("swarm.placement needs 8-byte array('Q') items")
 
 
 def _utf8(s: str) -> bytes:
@@ -56,9 +60,18 @@ def score(node: str, partition: int) -> int:
     return int.from_bytes(hashlib.shake_128(_utf8(node)).digest(8 * partition + 8)[-8:], "big")
 
 
-def _scores(node: str) -> tuple[int, ...]:
-    """All of a node's scores, indexed by partition."""
-    return _SCORES.unpack(hashlib.shake_128(_utf8(node)).digest(_SCORES.size))
+def _score_rows(nodes: Sequence[str]) -> list[tuple[int, ...]]:
+    """``rows[p][i]`` is ``score(nodes[i], p)``.
+
+    Each node's SHAKE-128 stream holds its scores for all partitions; the streams are
+    interleaved word by word, so one ``iter_unpack`` makes every partition's row, its
+    integers lying together in memory for the passes of :func:`_owner_table`.
+    """
+    n = len(nodes)
+    words = array("Q", bytes(8 * n * PARTITIONS))
+    for i, node in enumerate(nodes):
+        words[i::n] = array("Q", hashlib.shake_128(_utf8(node)).digest(8 * PARTITIONS))
+    return list(struct.Struct(f">{n}Q").iter_unpack(words))
 
 
 class _Names(dict):
@@ -72,17 +85,16 @@ class _Names(dict):
 
 
 def _owner_table(
-    nodes: Sequence[str], replicas: int, columns: Sequence[Sequence[int]]
+    nodes: Sequence[str], replicas: int, rows: list[tuple[int, ...]]
 ) -> list[tuple[str, ...]]:
     """For each partition, the top ``replicas`` nodes by score, highest first.
 
-    ``nodes`` is sorted; ``columns[i][p]`` is the (non-negative) score of ``nodes[i]``
-    for partition ``p``. Each round takes every partition's highest score and, with
+    ``nodes`` is sorted; ``rows[p][i]`` is the (non-negative) score of ``nodes[i]`` for
+    partition ``p``. Each round takes every partition's highest score and, with
     ``index``, the first node that has it, so equal scores go to the smaller node id;
     then it masks that node out for the next round. The loops run inside C (``map``
     over ``max``, ``index`` and ``__setitem__``): no Python code runs per partition.
     """
-    rows = list(zip(*columns))
     rounds = min(replicas, len(nodes))
     chosen = list(map(tuple.index, rows, map(max, rows)))
     ranks = [chosen]
@@ -120,8 +132,8 @@ class Placement:
         ordered = sorted(members)
         self._nodes = members
         self._replicas = replicas
-        self._table = _owner_table(ordered, replicas, [_scores(n) for n in ordered])
-        self._primaries = [owners[0] for owners in self._table]
+        self._table = _owner_table(ordered, replicas, _score_rows(ordered))
+        self._primaries = list(map(itemgetter(0), self._table))
         self._held: dict[str, frozenset[int]] | None = None
 
     @property
