@@ -185,7 +185,7 @@ def _show_ttl(reply: dict) -> list[str]:
 _SHOW: dict[str, Callable[[dict], tuple[list[str], int]]] = {
     "ping": lambda r: ([str(r["node"])], OK),
     "get": lambda r: ([_value_text(r.get("value"))], OK) if r.get("found") else ([], NO),
-    "set": lambda r: (["stored" if r.get("stored") else "not stored"], OK),
+    "set": lambda r: (["stored"], OK) if r.get("stored") else (["not stored"], NO),
     "delete": lambda r: (["deleted"], OK) if r.get("deleted") else (["not found"], NO),
     "exists": lambda r: (["true"], OK) if r.get("exists") else (["false"], NO),
     "expire": lambda r: (["updated"], OK) if r.get("updated") else (["not found"], NO),

@@ -112,11 +112,11 @@ async def test_ttl_and_expire(node):
 @pytest_twisted.ensureDeferred
 async def test_nx_and_xx(node):
     r = await swarmcache("set", "k", "a", "--xx", url=node.url)
-    assert (r.code, r.out) == (0, "not stored\n")
+    assert (r.code, r.out) == (1, "not stored\n")
     r = await swarmcache("set", "k", "a", "--nx", url=node.url)
     assert (r.code, r.out) == (0, "stored\n")
     r = await swarmcache("set", "k", "b", "--nx", url=node.url)
-    assert r.out == "not stored\n"
+    assert (r.code, r.out) == (1, "not stored\n")
     r = await swarmcache("get", "k", url=node.url)
     assert r.out == "a\n"
     r = await swarmcache("set", "k", "c", "--nx", "--xx", url=node.url)
