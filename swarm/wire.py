@@ -51,12 +51,52 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not a JSON number")
 
 
+#: A decoded CBOR frame may weigh (by :func:`expanded_size`) at most this many times its
+#: encoded bytes, plus EXPANSION_SLACK. Plain CBOR stays well under it (a small integer
+#: takes 1 byte and weighs 8); only shared references (tags 28/29) and string
+#: references (tags 25/256) can go beyond.
+EXPANSION_FACTOR = 16
+EXPANSION_SLACK = 64 * 1024
+
+
 def _decode_cbor(payload: bytes) -> Any:
     stream = io.BytesIO(payload)
     obj = cbor2.CBORDecoder(stream).decode()
     if stream.tell() != len(payload):
         raise BadRequest("frame holds bytes after its CBOR item")
+    check_expansion(obj, EXPANSION_FACTOR * len(payload) + EXPANSION_SLACK)
     return obj
+
+
+def check_expansion(obj: Any, budget: int) -> None:
+    """Refuse a decoded frame that shares containers or weighs more than ``budget``.
+
+    CBOR can say "the same object again" in a few bytes, so a small frame could stand
+    for an enormous tree, or a reply that repeats a large id thousands of times. The
+    walk charges every element at least 8 bytes and stops as soon as the budget is
+    spent, so it costs O(budget / 8) however the frame is built.
+    """
+    stack = [obj]
+    seen: set[int] = set()
+    spent = 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            spent += 8 + len(item)
+        elif isinstance(item, (list, dict)):
+            if id(item) in seen:
+                raise BadRequest("frame shares a container between places (CBOR tag 29)")
+            seen.add(id(item))
+            spent += 8
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
+        else:
+            spent += 8
+        if spent > budget:
+            raise TooLarge("frame decodes to far more data than it carries")
 
 
 def decode_frame(payload: bytes, is_binary: bool) -> Any:

@@ -675,10 +675,13 @@ def test_check_value_rejects_python_only_containers():
 
 def test_check_value_cyclic_cbor_is_rejected():
     # CBOR tags 28/29 (shareable / shared reference) can build a list that holds itself.
-    cyclic = decode_frame(bytes.fromhex("d81c81d81d00"), True)
+    frame = bytes.fromhex("d81c81d81d00")
+    cyclic = cbor2.loads(frame)
     assert cyclic[0] is cyclic
     with pytest.raises(BadRequest):
         check_value(cyclic, 32)
+    with pytest.raises(BadRequest):  # and a frame holding one never gets that far
+        decode_frame(frame, True)
 
 
 def test_check_value_accepts_wide_values():
@@ -701,7 +704,9 @@ class _TookTooLong(Exception):
 def test_check_value_shared_reference_bomb_is_rejected_quickly():
     frame = _shared_dag_frame(31)
     assert len(frame) < 300
-    value = decode_frame(frame, True)
+    value = cbor2.loads(frame)
+    with pytest.raises(SwarmError):  # refused at decoding, whole frame
+        decode_frame(frame, True)
 
     def alarm(signum, stack):
         raise _TookTooLong()
@@ -823,3 +828,19 @@ def test_value_at_depth_limit_round_trips(parser, binary):
 def test_integers_beyond_64_bits_are_bad_request(too_big):
     with pytest.raises(BadRequest, match="64 bits"):
         check_value({"n": [too_big]}, 32)
+
+
+def test_expansion_budget_bounds_the_walk_of_a_shared_string_frame():
+    """2000 ids that are one 50 KB string: 80 KB of CBOR that would be a 100 MB reply."""
+    big = b"\xd8\x1c" + cbor2.dumps("i" * 50_000)
+    frame = b"\x99\x07\xd0" + big + b"\xd8\x1d\x00" * 1999
+    with pytest.raises(TooLarge):
+        decode_frame(frame, True)
+    # the same data written out plainly is fine (it carries its own weight)
+    plain = cbor2.dumps(["i" * 50_000] * 3)
+    assert decode_frame(plain, True) == ["i" * 50_000] * 3
+
+
+def test_expansion_check_accepts_plain_cbor_of_small_integers():
+    # the worst honest ratio: 1-byte integers that weigh 8 each
+    assert decode_frame(cbor2.dumps(list(range(24)) * 5000), True)[-1] == 23
