@@ -14,6 +14,7 @@ import math
 import random
 import zlib
 from collections import Counter
+from unittest import mock
 
 import pytest
 from hypothesis import assume, given, settings
@@ -180,6 +181,26 @@ def test_nodes_agree_whatever_the_order(nodes, replicas, rnd):
     one = Placement(sorted(nodes), replicas)
     other = Placement(shuffled + shuffled[:3], replicas)  # repeats are one node
     assert table(one) == table(other)
+
+
+@heavy
+@given(node_sets, replica_counts, st.randoms(use_true_random=False),
+       st.lists(st.integers(0, PARTITIONS - 1), max_size=4))
+def test_ties_are_broken_the_same_whatever_the_order(nodes, replicas, rnd, sample):
+    real = placement_module._score_rows
+
+    def coarse(ordered):
+        # Three distinct scores: ties in nearly every partition.
+        return [tuple(s % 3 for s in row) for row in real(ordered)]
+
+    shuffled = list(nodes)
+    rnd.shuffle(shuffled)
+    with mock.patch.object(placement_module, "_score_rows", coarse):
+        one, other = Placement(sorted(nodes), replicas), Placement(shuffled, replicas)
+    assert table(one) == table(other)
+    for i in [0, *sample]:
+        ranked = sorted(nodes, key=lambda n: (-(score(n, i) % 3), n))
+        assert one.owners_of_partition(i) == tuple(ranked[:replicas])
 
 
 @heavy
