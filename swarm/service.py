@@ -212,6 +212,7 @@ class SwarmNode(MultiService, CacheOps):
         sweeper.clock = reactor
         sweeper.setServiceParent(self)
         self._started_at: float | None = None
+        self._stopping = False
 
     def add_peer(self, url: str) -> Upstream:
         """Keep a link to the node at ``url`` (ws://host:port), from now on."""
@@ -242,12 +243,13 @@ class SwarmNode(MultiService, CacheOps):
     def stopService(self) -> Deferred:
         """Hand this node's entries to their next owners, then close everything."""
         _log.info("node {node} stopping", node=self.node_id)
+        self._stopping = True
         # First leave placement everywhere (new writes go to the next owners), then
         # hand over: the announcement travels ahead of the handoff on every path.
         self.overlay.leave()
         self.rebalancer.stop()
         others = self.overlay.membership.owners - {self.node_id}
-        if others and self.store.stats()["keys"]:
+        if others:
             handoff = self.rebalancer.run(Placement(others, self.replicas))
             handoff.addTimeout(HANDOFF_GRACE, self.reactor)
             handoff.addErrback(
@@ -302,7 +304,7 @@ class SwarmNode(MultiService, CacheOps):
         return stats
 
     def _health(self) -> tuple[bool, dict]:
-        serving = self.running and self._listener.port is not None
+        serving = self.running and not self._stopping and self._listener.port is not None
         return serving, {
             "status": "ok" if serving else "stopping",
             "node": self.node_id,

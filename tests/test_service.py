@@ -94,3 +94,18 @@ def _as_deferred(coro):
     import asyncio
 
     return Deferred.fromFuture(asyncio.ensure_future(coro))
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_turns_503_as_soon_as_the_node_stops():
+    from conftest import start_swarm, stop_all
+
+    nodes = await start_swarm(2, [(1, 0)])
+    try:
+        await nodes[0].mset({f"k{i}": i for i in range(300)})
+        stopping = nodes[0].stopService()  # hands its keys over before closing
+        serving, body = nodes[0]._health()  # what GET /health renders
+        assert not serving and body["status"] == "stopping"
+        await stopping
+    finally:
+        await stop_all(nodes)
