@@ -106,10 +106,16 @@ class Overlay:
     def _spread(self, fresh: list[Announcement], source: str | None, before) -> None:
         """Flood what was new to every neighbor but its source; report view changes."""
         if fresh:
-            message = [{"t": "lsa", "anns": self._wire(fresh)}]
+            # Our own announcements go everywhere, the source included: a re-announcement
+            # answers a stale one of ours, and the source is the node sure to hold it.
+            own = [a for a in fresh if a.node == self.node_id]
+            relayed = self._wire(fresh)
+            back = [{"t": "lsa", "anns": self._wire(own)}] if own else None
             for peer, links in self._links.items():
                 if peer != source:
-                    links[0].send(message)
+                    links[0].send([{"t": "lsa", "anns": relayed}])
+                elif back:
+                    links[0].send(back)
         if self._view() != before:
             self.on_view_change()
 

@@ -38,16 +38,29 @@ MAX_PEER_MESSAGE = 64 * 1024 * 1024
 
 
 class _PeerProtocolMixin:
-    """What both ends of a link do; ``factory.overlay`` is this node's overlay."""
+    """What both ends of a link do; ``factory.overlay`` is this node's overlay.
+
+    Outgoing messages wait in an outbox until the end of the reactor turn and leave
+    as one frame: the requests forwarded for a client's batch, and their replies,
+    cost one frame per link instead of one each.
+    """
 
     link: PeerLink | None = None
+    _outbox: list | None = None
 
     def onOpen(self) -> None:
         self.factory.opened(self)
         self._send([self.factory.overlay.hello()])
 
     def _send(self, messages: list[dict]) -> None:
-        if self.state == self.STATE_OPEN:
+        if self._outbox is None:
+            self._outbox = []
+            self.factory.overlay.clock.callLater(0, self._flush)
+        self._outbox.extend(messages)
+
+    def _flush(self) -> None:
+        messages, self._outbox = self._outbox, None
+        if messages and self.state == self.STATE_OPEN:
             self.sendMessage(encode_peer_frame(messages), isBinary=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

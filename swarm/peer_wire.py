@@ -20,6 +20,7 @@ from typing import Any
 import cbor2
 
 from swarm.membership import Announcement
+from swarm.wire import decode_cbor
 
 PROTOCOL_VERSION = 1
 
@@ -40,7 +41,7 @@ def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
     if not is_binary:
         raise PeerProtocolError("peer frames are binary CBOR")
     try:
-        messages = cbor2.loads(payload)
+        messages = decode_cbor(payload)
     except Exception as e:
         raise PeerProtocolError(f"undecodable peer frame: {e}") from None
     if not isinstance(messages, list):

@@ -89,8 +89,8 @@ class Rebalancer:
                 _log.warn("handing {n} entries to {owner} failed: {error}",
                           n=len(entries), owner=owner, error=reply.get("error"))
                 return 0
-            for key, _, _ in entries:
-                self.store.delete(key)
+            for key, value, _ in entries:
+                self.store.discard(key, value)  # unless rewritten meanwhile
             self.moved += len(entries)
             _log.debug("handed {n} entries to {owner}", n=len(entries), owner=owner)
             return len(entries)

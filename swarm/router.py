@@ -190,13 +190,23 @@ class QueryRouter:
         def store_then_run(replies: list[dict]) -> dict:
             for reply in replies:
                 for key, value, ttl in reply.get("entries", ()) if reply["ok"] else ():
-                    self.commands.store.set(key, value, ttl, nx=True)
-            try:
-                return ok_reply(rid, self.commands.execute(request))
-            except SwarmError as e:
-                return error_reply(rid, e)
+                    try:
+                        self.commands.store.set(key, value, ttl, nx=True)
+                    except SwarmError as e:  # limits differ between nodes
+                        _log.warn("cannot keep {key!r} taken over: {e}", key=key, e=e)
+            return self._run_local(request)
 
         return gatherResults(takes).addCallback(store_then_run)
+
+    def _run_local(self, request: dict) -> dict:
+        rid = request["id"]
+        try:
+            return ok_reply(rid, self.commands.execute(request))
+        except SwarmError as e:
+            return error_reply(rid, e)
+        except Exception:
+            _log.failure("internal error handling {op}", op=request["op"])
+            return error_reply(rid, InternalError("internal error"))
 
     def _still_elsewhere(self, keys) -> dict[str, list[str]]:
         """Keys missing here whose previous owner, still reachable, may hold them."""

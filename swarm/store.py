@@ -97,6 +97,9 @@ class IStore(Interface):
     def entries() -> list[tuple[str, Any, float | None]]:
         """Every live entry as (key, value, seconds left or None), for handoffs."""
 
+    def discard(key: str, value: Any) -> bool:
+        """Delete ``key`` only if it still holds this very ``value`` (after a handoff)."""
+
     def take(keys: list[str]) -> list[list]:
         """Remove and return the live entries among ``keys`` as [key, value, ttl]."""
 
@@ -297,6 +300,13 @@ class MemoryStore:
             for key, e in self._entries.items()
             if e.expires_at is None or e.expires_at > now
         ]
+
+    def discard(self, key: str, value: Any) -> bool:
+        entry = self._entries.get(key)
+        if entry is None or entry.value is not value:
+            return False
+        self._remove(key, entry)
+        return True
 
     def take(self, keys: list[str]) -> list[list]:
         now = self._clock.seconds()

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from twisted.application.internet import ClientService
 from twisted.internet.endpoints import clientFromString
 
+from swarm.client import endpoint_description
 from swarm.links import PeerLink
 from swarm.logs import logger
 from swarm.overlay import Overlay
@@ -22,19 +23,20 @@ from swarm.peer_protocol import PeerClientFactory
 
 _log = logger(__name__)
 
+#: Seconds to wait for TCP to connect to a peer.
+CONNECT_TIMEOUT = 5
+
 
 def peer_endpoint_description(url: str) -> tuple[str, str]:
     """(Twisted client endpoint description, WebSocket URL at /peer) for ``url``."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"a peer URL looks like ws://host:port, not {url!r}")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
     host = parts.hostname
-    kind = "tls" if secure else "tcp"
-    description = f"{kind}:host={host}:port={port}:timeout=5"
     netloc = f"[{host}]" if ":" in host else host
-    return description, f"{parts.scheme}://{netloc}:{port}/peer"
+    peer_url = f"{parts.scheme}://{netloc}:{port}/peer"
+    return endpoint_description(peer_url, CONNECT_TIMEOUT), peer_url
 
 
 class RetryPolicy:

@@ -59,7 +59,8 @@ EXPANSION_FACTOR = 16
 EXPANSION_SLACK = 64 * 1024
 
 
-def _decode_cbor(payload: bytes) -> Any:
+def decode_cbor(payload: bytes) -> Any:
+    """One CBOR item and nothing after it, within the expansion budget."""
     stream = io.BytesIO(payload)
     obj = cbor2.CBORDecoder(stream).decode()
     if stream.tell() != len(payload):
@@ -103,7 +104,7 @@ def decode_frame(payload: bytes, is_binary: bool) -> Any:
     """Decode one frame's payload; any failure is a :class:`BadRequest`."""
     try:
         if is_binary:
-            return _decode_cbor(payload)
+            return decode_cbor(payload)
         text = payload.decode("utf-8")
         return json.loads(text, parse_constant=_reject_constant)
     except SwarmError:

@@ -878,3 +878,17 @@ def test_tiny_budget_is_never_exceeded(budget, ops):
             pass
         assert store.memory_bytes == held_size(store)
         assert store.memory_bytes <= budget
+
+
+def test_discard_removes_only_the_same_value_object():
+    store = MemoryStore(Clock())
+    value = ["handed", "over"]
+    store.set("k", value, None)
+    assert store.discard("k", ["handed", "over"]) is False  # equal is not the same
+    store.set("k", ["rewritten"], None)
+    assert store.discard("k", value) is False
+    assert store.get("k") == (True, ["rewritten"])
+    current = store.get("k")[1]
+    assert store.discard("k", current) is True
+    assert store.exists("k") is False and store.memory_bytes == 0
+    assert store.discard("missing", value) is False

@@ -1,0 +1,176 @@
+"""Unit tests of swarm.peer_wire: peer frames and the hello check."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+
+from swarm.membership import Announcement
+from swarm.peer_wire import (
+    PROTOCOL_VERSION,
+    PeerProtocolError,
+    check_hello,
+    decode_peer_frame,
+    encode_peer_frame,
+    hello,
+)
+
+HELLO = {"t": "hello", "node": "n1", "proto": PROTOCOL_VERSION, "swarm": "s", "inc": 12}
+ANN = {"node": "n1", "inc": 12, "seq": 3, "links": ["n2"]}
+LSA = {"t": "lsa", "anns": [ANN]}
+REQ = {"t": "req", "rid": 1, "ms": 500, "hops": 4, "req": {"id": 1, "op": "ping"}}
+REP = {"t": "rep", "rid": 1, "rep": {"id": 1, "ok": True, "node": "n2"}}
+
+
+def decode(*messages):
+    return decode_peer_frame(cbor2.dumps(list(messages)), True)
+
+
+def without(msg: dict, field: str) -> dict:
+    return {k: v for k, v in msg.items() if k != field}
+
+
+def test_frames_round_trip():
+    messages = [dict(HELLO), dict(REQ), dict(REQ, to="n7"), dict(REP)]
+    payload = encode_peer_frame(messages)
+    assert isinstance(payload, bytes)
+    assert decode_peer_frame(payload, True) == messages
+    assert decode_peer_frame(encode_peer_frame([]), True) == []
+
+
+def test_an_lsa_arrives_as_announcements():
+    (msg,) = decode_peer_frame(encode_peer_frame([LSA]), True)
+    assert msg["anns"] == [Announcement("n1", 12, 3, ("n2",))]
+    (empty,) = decode({"t": "lsa", "anns": []})
+    assert empty["anns"] == []
+
+
+def test_text_frames_are_refused():
+    with pytest.raises(PeerProtocolError):
+        decode_peer_frame(encode_peer_frame([HELLO]), False)
+    with pytest.raises(PeerProtocolError):
+        decode_peer_frame(b"[]", False)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xff", b"\x82\x01", b"\x9f\x01", b"\x7f"])
+def test_undecodable_cbor_is_refused(payload):
+    with pytest.raises(PeerProtocolError, match="undecodable"):
+        decode_peer_frame(payload, True)
+
+
+@pytest.mark.parametrize("value", [HELLO, 1, "hello", None, b"x", {"0": HELLO}])
+def test_a_frame_must_be_an_array(value):
+    with pytest.raises(PeerProtocolError, match="array"):
+        decode_peer_frame(cbor2.dumps(value), True)
+
+
+@pytest.mark.parametrize("item", [None, 1, "hello", [HELLO], b"x"])
+def test_each_message_must_be_a_map(item):
+    with pytest.raises(PeerProtocolError):
+        decode(HELLO, item)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"node": "n1"}, dict(HELLO, t="bye"), dict(HELLO, t=None), dict(HELLO, t=1),
+        dict(HELLO, t="HELLO"),
+    ],
+)
+def test_unknown_message_types_are_refused(msg):
+    with pytest.raises(PeerProtocolError, match="type"):
+        decode(msg)
+
+
+BAD_INTS = [-1, True, False, 1.5, 1.0, "1", None, [1]]
+
+
+def _bad(base: dict, required: dict[str, list], optional: dict[str, list] = {}):
+    cases = []
+    for field, bad_values in {**required, **optional}.items():
+        if field in required:
+            cases.append(pytest.param(without(base, field), id=f"{base['t']}-no-{field}"))
+        for i, v in enumerate(bad_values):
+            cases.append(pytest.param(dict(base, **{field: v}), id=f"{base['t']}-{field}-{i}"))
+    return cases
+
+
+BAD_MESSAGES = (
+    _bad(HELLO, {
+        "node": ["", 1, None, b"n1", ["n1"]],
+        "swarm": ["", 1, None, b"s"],
+        "proto": BAD_INTS,
+        "inc": BAD_INTS,
+    })
+    + _bad(LSA, {
+        "anns": [None, ANN, "x", {"0": ANN}, [ANN, 1], [without(ANN, "seq")],
+                 [dict(ANN, inc=-1)], [dict(ANN, links=[1])], [dict(ANN, node="")]],
+    })
+    + _bad(REQ, {
+        "rid": BAD_INTS,
+        "ms": BAD_INTS,
+        "hops": BAD_INTS,
+        "req": [None, [], "ping", 1],
+    }, {"to": ["", 1, None, ["n1"], b"n1"]})
+    + _bad(REP, {"rid": BAD_INTS, "rep": [None, [], "ok", True]})
+)
+
+
+@pytest.mark.parametrize("msg", BAD_MESSAGES)
+def test_malformed_messages_are_refused(msg):
+    with pytest.raises(PeerProtocolError):
+        decode(msg)
+    # a bad message spoils its whole frame, wherever it sits
+    with pytest.raises(PeerProtocolError):
+        decode(HELLO, REP, msg)
+
+
+def test_good_messages_with_extra_fields_and_large_numbers_pass():
+    big = 2**40
+    msgs = decode(
+        dict(HELLO, inc=big, extra=1),
+        dict(REQ, rid=big, ms=0, hops=0, to="n3"),
+        dict(REP, rid=0, rep={}),
+    )
+    assert [m["t"] for m in msgs] == ["hello", "req", "rep"]
+    assert msgs[1]["to"] == "n3" and msgs[1]["ms"] == 0
+
+
+def test_hello_builds_a_hello_that_passes_its_own_checks():
+    msg = hello("n1", "prod", 99)
+    assert msg == {"t": "hello", "node": "n1", "proto": PROTOCOL_VERSION, "swarm": "prod",
+                   "inc": 99}
+    (decoded,) = decode_peer_frame(encode_peer_frame([msg]), True)
+    assert check_hello(decoded, "n2", "prod") is None
+
+
+@pytest.mark.parametrize(
+    "msg,expected",
+    [
+        (dict(HELLO, proto=PROTOCOL_VERSION + 1), "protocol"),
+        (dict(HELLO, proto=0), "protocol"),
+        (dict(HELLO, swarm="other"), "swarm"),
+        (dict(HELLO, node="self"), "own id"),
+        (LSA, "first message"),
+        (REQ, "first message"),
+        (REP, "first message"),
+    ],
+)
+def test_check_hello_refusals_give_a_reason(msg, expected):
+    (decoded,) = decode(msg)
+    reason = check_hello(decoded, "self", "s")
+    assert isinstance(reason, str) and reason
+    assert expected in reason
+
+
+def test_check_hello_accepts_a_good_hello():
+    (decoded,) = decode(HELLO)
+    assert check_hello(decoded, "self", "s") is None
+    # names differing only in case are different names
+    assert check_hello(dict(decoded, node="N1"), "n1", "s") is None
+    assert check_hello(decoded, "n2", "S") is not None
+
+
+def test_bytes_after_the_frame_are_refused():
+    with pytest.raises(PeerProtocolError):
+        decode_peer_frame(encode_peer_frame([HELLO]) + b"\x01", True)
