@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
@@ -41,24 +43,24 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise usage.UsageError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise usage.UsageError(f"must be at least 1: {text!r}")
-    return value
+def _number(kind: type, what: str, low: float, high: float):
+    """A coercer for usage.Options: ``text`` -> ``kind`` within [low, high]."""
+
+    def coerce(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise usage.UsageError(f"not {what}: {text!r}") from None
+        if not low <= value <= high:
+            bound = f"at least {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise usage.UsageError(f"{what} must be {bound}: {text!r}")
+        return value
+
+    return coerce
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise usage.UsageError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 1e9:
-        raise usage.UsageError(f"seconds must be in [0, 1e9]: {text!r}")
-    return value
+_positive_int = _number(int, "a whole number", 1, math.inf)
+_seconds = _number(float, "a number of seconds", 0, 1e9)
 
 
 class Options(usage.Options):
