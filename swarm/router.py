@@ -105,12 +105,12 @@ class QueryRouter:
             node_op = self._node_ops.get(op)
             if node_op is not None:
                 return ok_reply(rid, node_op(request))
-            if to is not None and to != self.node_id:
-                return self._forward(to, request, timeout, hops, addressed=True)
-            if to is None and op in ("mget", "mset"):
-                return self._fan_out(request, timeout, hops)
-            if to is not None:
+            if to is not None:  # addressed: run there, whoever owns the key
+                if to != self.node_id:
+                    return self._forward(to, request, timeout, hops, addressed=True)
                 return ok_reply(rid, self.commands.execute(request))
+            if op in ("mget", "mset"):
+                return self._fan_out(request, timeout, hops)
             owner = self.placement.primary(request["key"])
             if owner == self.node_id:
                 return self._execute_owned(request, [request["key"]])
