@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from swarm.client import SwarmClient
 from swarm.errors import Unavailable
@@ -239,3 +240,54 @@ async def test_writes_during_a_graceful_leave_are_not_lost():
         assert exactly_one_copy(rest, list(before) + list(during))
     finally:
         await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_under_load_loses_no_write_and_serves_no_stale_read():
+    """Reads and increments keep flowing through every old node while a node joins."""
+    import random
+
+    from twisted.internet.defer import gatherResults
+
+    nodes = await start_swarm(3, [(1, 0), (2, 1)])
+    newcomer = None
+    try:
+        expected = {f"load{i}": 0 for i in range(900)}
+        await nodes[0].mset(expected)
+        rng = random.Random(7)
+        after_join = []
+
+        def joined() -> bool:
+            return newcomer is not None and len(newcomer.store) > 0
+
+        async def traffic(i: int) -> None:
+            # each client has its own keys, so its expectations stay exact
+            mine = [k for n, k in enumerate(expected) if n % 3 == i]
+            late = 0
+            for n in range(5000):  # bounded; ends 150 ops after the join
+                key = rng.choice(mine)
+                if n % 3 == 0:
+                    expected[key] += 1
+                    assert await nodes[i].incr(key) == expected[key]
+                else:
+                    assert await nodes[i].get(key) == expected[key]
+                late += joined()
+                if late >= 150:
+                    break
+            after_join.append(late)
+
+        async def join() -> None:
+            nonlocal newcomer
+            newcomer = await start_node(node_id="n3", peers=(nodes[2].url,))
+
+        await gatherResults([Deferred.fromCoroutine(traffic(i)) for i in range(3)]
+                            + [Deferred.fromCoroutine(join())])
+        assert after_join == [150, 150, 150]  # every client kept going past the join
+        everyone = nodes + [newcomer]
+        await until(lambda: all(len(n.overlay.membership.reachable) == 4 for n in everyone))
+        assert await newcomer.mget(list(expected)) == expected
+        await until(lambda: exactly_one_copy(everyone, list(expected)),
+                    what="handoffs to finish")
+        assert len(newcomer.store) > 100
+    finally:
+        await stop_all(nodes + ([newcomer] if newcomer else []))
