@@ -17,6 +17,10 @@ Then the same against a lone node for reference. Each measurement stops after ``
 requests or ``--seconds`` seconds, whichever comes first. Client and nodes share one
 process and one reactor (one CPU), so the numbers compare modes and distances on this
 machine rather than promising a deployment's throughput.
+
+With ``--url ws://host:port`` it starts nothing and measures the swarm behind that node
+instead (nodes in their own processes, e.g. ``twistd swarmcache``): keys at each distance
+are those owned by the nearest node at that hop count.
 """
 
 from __future__ import annotations
@@ -69,6 +73,28 @@ def keys_owned_by(node: SwarmNode, owner: str) -> list[str]:
             keys.append(key)
         i += 1
     return keys
+
+
+async def remote_keys_by_hops(client: SwarmClient) -> dict[int, list[str]]:
+    """For a node elsewhere: KEYS_PER_OWNER keys owned by the nearest node at each
+    distance, found with the ``nodes`` and ``owner`` ops."""
+    view = await client.nodes()
+    owner_at: dict[int, str] = {}
+    for node in sorted(view["nodes"], key=lambda n: (n["hops"], n["id"])):
+        owner_at.setdefault(node["hops"], node["id"])
+    found: dict[str, list[str]] = {owner: [] for owner in owner_at.values()}
+    start = 0
+    while any(len(keys) < KEYS_PER_OWNER for keys in found.values()):
+        if start > 1000 * KEYS_PER_OWNER * len(found):
+            raise RuntimeError("could not find keys for every distance")
+        names = [f"bench-{i}" for i in range(start, start + 1024)]
+        replies = await client.batch([{"op": "owner", "key": k} for k in names])
+        for key, reply in zip(names, replies):
+            keys = found.get(check(reply)["nodes"][0])
+            if keys is not None and len(keys) < KEYS_PER_OWNER:
+                keys.append(key)
+        start += 1024
+    return {hops: found[owner] for hops, owner in owner_at.items()}
 
 
 def make_request(op: str, key: str) -> dict:
@@ -165,6 +191,8 @@ async def main(reactor: Any, argv: list[str] | None = None) -> None:
                         help="time cap per measurement")
     parser.add_argument("--depth", type=int, default=256, help="pipelined requests in flight")
     parser.add_argument("--batch", type=int, default=256, help="requests per batch frame")
+    parser.add_argument("--url", help="measure the swarm behind this node (ws://host:port) "
+                        "instead of starting nodes in this process")
     args = parser.parse_args(argv)
     logs.set_level("warn")
 
@@ -184,6 +212,14 @@ async def main(reactor: Any, argv: list[str] | None = None) -> None:
         latency = f"{p50:7.3f}" if p50 is not None else f"{'':>7}"
         print(f"{setup:<8} {mode:<11} {op:<4} {hops:>4} {rate:>9.0f} {latency}", flush=True)
 
+    if args.url:
+        client = await SwarmClient.connect(args.url, reactor=reactor)
+        try:
+            keys_by_hops = await remote_keys_by_hops(client)
+            await run_table("remote", client, keys_by_hops, args, print_row)
+        finally:
+            await client.close()
+        return
     for setup, ids in (("line-3", ["A", "B", "C"]), ("1-node", ["solo"])):
         nodes = await start_nodes(reactor, ids)
         client = await SwarmClient.connect(nodes[0].url, reactor=reactor)
