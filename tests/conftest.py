@@ -52,3 +52,24 @@ async def stop_all(nodes) -> None:
     from twisted.internet.defer import gatherResults
 
     await gatherResults([n.stopService() for n in nodes if n.running])
+
+
+# -- a store on a fake clock, for the unit tests of swarm.store and swarm.commands ------
+
+import pytest  # noqa: E402  (appended; the fixtures above need only pytest_twisted)
+
+
+@pytest.fixture
+def clock():
+    """``task.Clock``: time moves only when the test advances it."""
+    from twisted.internet.task import Clock
+
+    return Clock()
+
+
+@pytest.fixture
+def store(clock):
+    """An empty MemoryStore with the default limits, on ``clock``."""
+    from swarm.store import MemoryStore
+
+    return MemoryStore(clock)

@@ -23,7 +23,7 @@ import functools
 import json
 import uuid
 from types import SimpleNamespace
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import cbor2
 import pytest
@@ -153,6 +153,15 @@ async def survives(c: SimpleNamespace, abuser_open: bool = True) -> None:
     await c.bystander.ping(c.node.node_id)
 
 
+async def refused_without_effect(c: SimpleNamespace, reply: Any, code: str, rid: Any,
+                                 mentions: str | None = None) -> None:
+    """``reply`` is the documented error, nothing was stored under the key "k" that the
+    request named, and both connections still work."""
+    assert_error(reply, code, rid, mentions)
+    assert (await c.bystander.op("get", key="k"))["found"] is False
+    await survives(c)
+
+
 # -- fixtures ----------------------------------------------------------------------------
 
 
@@ -168,6 +177,16 @@ async def _close_clients(c: SimpleNamespace) -> None:
         await on_asyncio(conn.close())
 
 
+@contextlib.asynccontextmanager
+async def _own_node(node_id: str, **options: Any) -> AsyncIterator[SimpleNamespace]:
+    """Like the ``c`` fixture, on a node of its own started with ``options``."""
+    n = await start_node(node_id=node_id, **options)
+    clients = await _clients(n)
+    yield clients
+    await _close_clients(clients)
+    await n.stopService()
+
+
 @pytest_twisted.async_yield_fixture
 async def c(node):
     """The default node, an abusing client and a bystander client (connected first)."""
@@ -178,20 +197,14 @@ async def c(node):
 
 @pytest_twisted.async_yield_fixture
 async def small_values():
-    n = await start_node(node_id="small-values", max_value_size=1000)
-    clients = await _clients(n)
-    yield clients
-    await _close_clients(clients)
-    await n.stopService()
+    async with _own_node("small-values", max_value_size=1000) as clients:
+        yield clients
 
 
 @pytest_twisted.async_yield_fixture
 async def small_frames():
-    n = await start_node(node_id="small-frames", max_message_size=10_000)
-    clients = await _clients(n)
-    yield clients
-    await _close_clients(clients)
-    await n.stopService()
+    async with _own_node("small-frames", max_message_size=10_000) as clients:
+        yield clients
 
 
 ENCODINGS = [pytest.param(False, id="json"), pytest.param(True, id="cbor")]
@@ -417,10 +430,7 @@ ARGUMENTS = [
 @asyncio_test
 async def test_missing_or_ill_typed_argument(c, args, code, mentions, cbor):
     reply = await c.abuser.call({"id": 77, **args}, cbor)
-    assert_error(reply, code, 77, mentions)
-    # A refused request has no effect.
-    assert (await c.bystander.op("get", key="k"))["found"] is False
-    await survives(c)
+    await refused_without_effect(c, reply, code, 77, mentions)
 
 
 # -- values ----------------------------------------------------------------------------
@@ -464,9 +474,7 @@ SURROGATES = [
 )
 @asyncio_test
 async def test_lone_surrogate_is_bad_request(c, payload, rid):
-    assert_error(await c.abuser.raw(payload, text=True), "bad_request", rid)
-    assert (await c.bystander.op("get", key="k"))["found"] is False
-    await survives(c)
+    await refused_without_effect(c, await c.abuser.raw(payload, text=True), "bad_request", rid)
 
 
 @asyncio_test
@@ -521,17 +529,15 @@ def _cbor_request(value_item: bytes, rid: int = 8, key: str = "k") -> bytes:
 @pytest.mark.parametrize("item", [pytest.param(v, id=n) for n, v in CBOR_ONLY])
 @asyncio_test
 async def test_cbor_only_types_in_a_value_are_bad_request(c, item):
-    assert_error(await c.abuser.raw(_cbor_request(item), text=False), "bad_request", 8)
-    assert (await c.bystander.op("get", key="k"))["found"] is False
-    await survives(c)
+    reply = await c.abuser.raw(_cbor_request(item), text=False)
+    await refused_without_effect(c, reply, "bad_request", 8)
 
 
 @pytest.mark.parametrize("item", [pytest.param(v, id=n) for n, v in SHARING])
 @asyncio_test
 async def test_cbor_shared_or_cyclic_values_refuse_the_whole_frame(c, item):
-    assert_error(await c.abuser.raw(_cbor_request(item), text=False), "bad_request", None)
-    assert (await c.bystander.op("get", key="k"))["found"] is False
-    await survives(c)
+    reply = await c.abuser.raw(_cbor_request(item), text=False)
+    await refused_without_effect(c, reply, "bad_request", None)
 
 
 CBOR_ARGUMENTS = [
@@ -551,9 +557,8 @@ CBOR_ARGUMENTS = [
 @pytest.mark.parametrize("args", [pytest.param(a, id=n) for n, a in CBOR_ARGUMENTS])
 @asyncio_test
 async def test_cbor_only_types_in_arguments_are_bad_request(c, args):
-    assert_error(await c.abuser.call({"id": 9, **args}, cbor=True), "bad_request", 9)
-    assert (await c.bystander.op("get", key="k"))["found"] is False
-    await survives(c)
+    reply = await c.abuser.call({"id": 9, **args}, cbor=True)
+    await refused_without_effect(c, reply, "bad_request", 9)
 
 
 def _batch_sharing_an_id(count: int = 2000, size: int = 50_000) -> bytes:
@@ -768,11 +773,8 @@ async def test_frame_over_max_message_size_closes_with_1009(
     late = await Conn.open(c.node.url, "late")
     try:
         await late.ping(c.node.node_id)
-
-        async def abuser_counted_out() -> bool:
-            return await _connections(late) == 2  # bystander and late
-
-        await wait_until(abuser_counted_out, "the node to count the closed client out")
+        # two: the bystander and late
+        await until_connections(late, 2, "the node to count the closed client out")
     finally:
         await late.close()
 
@@ -782,6 +784,15 @@ async def test_frame_over_max_message_size_closes_with_1009(
 
 async def _connections(conn: Conn) -> int:
     return (await conn.op("stats"))["stats"]["connections"]
+
+
+async def until_connections(conn: Conn, count: int, what: str) -> None:
+    """Wait until the node, asked over ``conn``, counts ``count`` connections."""
+
+    async def counted() -> bool:
+        return await _connections(conn) == count
+
+    await wait_until(counted, what)
 
 
 async def _hits(conn: Conn) -> int:
@@ -807,11 +818,7 @@ async def test_client_that_sends_a_big_batch_and_vanishes(c, when):
 
         await wait_until(answered, "the node to run the whole batch")
     rude.ws.transport.abort()  # no close handshake, unread data discarded
-
-    async def back_to_two() -> bool:
-        return await _connections(c.bystander) == 2
-
-    await wait_until(back_to_two, "the node to count the vanished client out")
+    await until_connections(c.bystander, 2, "the node to count the vanished client out")
     await survives(c)
 
 
@@ -821,11 +828,7 @@ async def test_client_that_closes_right_after_a_batch(c):
     batch = [{"id": i, "op": "set", "key": f"r{i}", "value": i} for i in range(1000)]
     await rude.send(encode(batch, True), text=False)
     await rude.close()  # a clean close, but without reading the reply
-
-    async def back_to_two() -> bool:
-        return await _connections(c.bystander) == 2
-
-    await wait_until(back_to_two, "the node to count the closed client out")
+    await until_connections(c.bystander, 2, "the node to count the closed client out")
     await survives(c)
 
 

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet.task import Clock
 
 from swarm.commands import StoreCommands
-from swarm.store import MemoryStore
 
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def store(clock):
-    return MemoryStore(clock)
+# The ``clock`` and ``store`` fixtures come from conftest.py.
 
 
 def run(commands, op, **args):

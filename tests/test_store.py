@@ -36,14 +36,7 @@ def held_size(store):
     return sum(entry_size(k, e.value) for k, e in store._entries.items())
 
 
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def store(clock):
-    return MemoryStore(clock)
+# The ``clock`` and ``store`` fixtures come from conftest.py.
 
 
 # -- interface and basic operations -------------------------------------------------------

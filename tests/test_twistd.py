@@ -10,16 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable
 
 import cbor2
 import pytest
@@ -27,62 +19,7 @@ import pytest_twisted
 import websockets
 from twisted.internet.defer import Deferred
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-#: How long a node may take to answer /health after the process starts.
-START_DEADLINE = 15.0
-#: How long a node may take to exit after SIGTERM, or a doomed twistd to give up.
-EXIT_DEADLINE = 15.0
-POLL = 0.05
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (the caller retries on a clash)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the files even if we kill it
-    return env
-
-
-class Twistd:
-    """One ``twistd`` process with its output captured in files (no pipe to fill up)."""
-
-    def __init__(self, workdir: Path, args: list[str], name: str = "twistd") -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.out_path = workdir / f"{name}.out"
-        self.err_path = workdir / f"{name}.err"
-        self.args = args
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [TWISTD, *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                cwd=workdir, env=_env(),
-            )
-
-    def output(self) -> str:
-        return (
-            self.out_path.read_text(errors="replace")
-            + self.err_path.read_text(errors="replace")
-        )
-
-    def wait(self, timeout: float = EXIT_DEADLINE) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"twistd {self.args} still running after {timeout}s:\n{self.output()}"
-            ) from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def describe(self) -> str:
-        return f"twistd {' '.join(self.args)} (exit {self.proc.poll()}):\n{self.output()}"
+from twistd_support import EXIT_DEADLINE, Twistd, free_port, health, start_node
 
 
 def run_twistd(workdir: Path, args: list[str], name: str = "once") -> tuple[int, str]:
@@ -94,70 +31,13 @@ def run_twistd(workdir: Path, args: list[str], name: str = "once") -> tuple[int,
         t.kill()
 
 
-def health(port: int) -> tuple[int, Any]:
-    """``GET /health``: (status, parsed body), or (0, error text) when it cannot connect."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError as e:
-        return 0, str(e)
-
-
-class Node:
-    """A running ``twistd swarmcache`` node, healthy, on ``port``."""
-
-    def __init__(self, twistd: Twistd, port: int, node_id: str) -> None:
-        self.twistd = twistd
-        self.port = port
-        self.node_id = node_id
-        self.url = f"ws://127.0.0.1:{port}"
-
-
-def start_node(workdir: Path, node_id: str, *options: str, attempts: int = 5) -> Node:
-    """Start a node on a free port and wait until /health names it.
-
-    A port can be taken between :func:`free_port` and twistd's bind; then twistd exits
-    with "cannot listen" and we try another port.
-    """
-    for attempt in range(attempts):
-        port = free_port()
-        t = Twistd(
-            workdir,
-            ["-n", "--pidfile=", "swarmcache", "--port", str(port), "--node-id", node_id,
-             *options],
-            name=f"{node_id}-{attempt}",
-        )
-        try:
-            deadline = time.monotonic() + START_DEADLINE
-            while True:
-                if t.proc.poll() is not None:
-                    break
-                code, body = health(port)
-                if code == 200 and isinstance(body, dict) and body.get("node") == node_id:
-                    return Node(t, port, node_id)
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"no healthy /health within {START_DEADLINE}s (last: {code} "
-                        f"{body!r}); {t.describe()}"
-                    )
-                time.sleep(POLL)
-        except BaseException:
-            t.kill()
-            raise
-        if "cannot listen" not in t.output():
-            raise AssertionError(f"the node exited while starting; {t.describe()}")
-    raise AssertionError(f"no free port after {attempts} attempts")
-
-
 @pytest.fixture
 def twistd_node(tmp_path):
     n = start_node(tmp_path, "t1")
     try:
         yield n
     finally:
-        n.twistd.kill()
+        n.kill()
 
 
 # -- helpers for the async tests --------------------------------------------------------
@@ -165,26 +45,6 @@ def twistd_node(tmp_path):
 
 def on_asyncio(coro) -> Deferred:
     return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(coro, 30)))
-
-
-async def poll(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Poll ``check`` (a plain function) every 50 ms on the reactor, up to ``timeout``."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, POLL, lambda: None)
-
-
-async def _exit_status(t: Twistd, timeout: float = EXIT_DEADLINE) -> int:
-    await poll(lambda: t.proc.poll() is not None, f"{t.describe()} to exit", timeout)
-    return t.proc.returncode
 
 
 #: After a clean shutdown on SIGTERM, twistd (Twisted >= 20.3, twisted/scripts/twistd.py
@@ -196,7 +56,7 @@ CLEAN_SIGTERM_STATUS = (0, -signal.SIGTERM)
 async def stopped_by_sigterm(t: Twistd) -> str:
     """SIGTERM ``t``; it must shut down cleanly within the deadline. Its output."""
     t.proc.send_signal(signal.SIGTERM)
-    status = await _exit_status(t)
+    status = await t.exited()
     out = t.output()
     assert status in CLEAN_SIGTERM_STATUS, t.describe()
     assert "Server Shut Down." in out, t.describe()
@@ -273,7 +133,7 @@ async def test_node_serves_websocket_clients_and_stops_cleanly_on_sigterm(twistd
 
         await on_asyncio(seen_by_websockets())
 
-    out = await stopped_by_sigterm(node.twistd)
+    out = await stopped_by_sigterm(node)
     assert "node t1 stopping" in out, out
 
 
@@ -284,16 +144,16 @@ async def test_sigterm_closes_connected_clients_with_1001(twistd_node):
     async def connected_through_shutdown() -> int:
         async with websockets.connect(node.url, open_timeout=10) as ws:
             assert (await ws_call(ws, {"id": 1, "op": "ping"}, True))["ok"] is True
-            node.twistd.proc.send_signal(signal.SIGTERM)
+            node.proc.send_signal(signal.SIGTERM)
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), EXIT_DEADLINE)
             assert closed.value.rcvd is not None, "dropped without a close frame"
             return closed.value.rcvd.code
 
     assert await on_asyncio(connected_through_shutdown()) == 1001
-    status = await _exit_status(node.twistd)
-    assert status in CLEAN_SIGTERM_STATUS, node.twistd.describe()
-    assert "Traceback" not in node.twistd.output(), node.twistd.describe()
+    status = await node.exited()
+    assert status in CLEAN_SIGTERM_STATUS, node.describe()
+    assert "Traceback" not in node.output(), node.describe()
 
 
 # -- (c) busy port -----------------------------------------------------------------------
@@ -352,9 +212,9 @@ async def test_log_level_controls_the_started_line(tmp_path, level, shown):
     node_id = f"t-{level}"
     n = start_node(tmp_path, node_id, "--log-level", level)
     try:
-        out = await stopped_by_sigterm(n.twistd)
+        out = await stopped_by_sigterm(n)
     finally:
-        n.twistd.kill()
+        n.kill()
     # twistd's own lines are there either way: the output was captured.
     assert "starting up" in out, out
     assert (f"node {node_id} started" in out) == shown, out

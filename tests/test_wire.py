@@ -94,6 +94,13 @@ def depth(value):
 # -- decode_frame -----------------------------------------------------------------------
 
 
+def decode_error(payload: bytes, binary: bool) -> BadRequest:
+    """The BadRequest that ``decode_frame`` must raise for ``payload``."""
+    with pytest.raises(BadRequest) as info:
+        decode_frame(payload, binary)
+    return info.value
+
+
 def test_decode_json_text_frame():
     frame = '{"id": 7, "op": "set", "key": "k\u00e9", "value": [1, 2.5, null, true]}'
     assert decode_frame(frame.encode("utf-8"), False) == {
@@ -116,19 +123,16 @@ def test_decode_uses_the_flag_not_a_guess():
 
 @pytest.mark.parametrize("payload", [b"\xff\xfe", b'{"key": "\xc3"}', b'"\xed\xa0\x80"'])
 def test_decode_non_utf8_text_is_bad_request(payload):
-    with pytest.raises(BadRequest) as info:
-        decode_frame(payload, False)
-    assert info.value.code == "bad_request"
-    assert "UTF-8" in info.value.message
+    error = decode_error(payload, binary=False)
+    assert error.code == "bad_request"
+    assert "UTF-8" in error.message
 
 
 @pytest.mark.parametrize(
     "payload", [b"", b"{", b"{'id': 1}", b'{"id": 1,}', b"[1, 2", b'{"id": 1} {"id": 2}', b"nul"]
 )
 def test_decode_invalid_json_is_bad_request(payload):
-    with pytest.raises(BadRequest) as info:
-        decode_frame(payload, False)
-    assert "JSON" in info.value.message
+    assert "JSON" in decode_error(payload, binary=False).message
 
 
 @pytest.mark.parametrize(
@@ -144,9 +148,7 @@ def test_decode_invalid_json_is_bad_request(payload):
     ],
 )
 def test_decode_invalid_cbor_is_bad_request(payload):
-    with pytest.raises(BadRequest) as info:
-        decode_frame(payload, True)
-    assert "CBOR" in info.value.message
+    assert "CBOR" in decode_error(payload, binary=True).message
 
 
 def test_decode_cbor_with_trailing_bytes_is_bad_request():
@@ -158,9 +160,7 @@ def test_decode_cbor_with_trailing_bytes_is_bad_request():
     "payload", [b"NaN", b"[Infinity]", b'{"v": -Infinity}', b'{"id": 1, "op": "set", "value": NaN}']
 )
 def test_decode_rejects_json_nan_and_infinity(payload):
-    with pytest.raises(BadRequest) as info:
-        decode_frame(payload, False)
-    assert "not a JSON number" in info.value.message
+    assert "not a JSON number" in decode_error(payload, binary=False).message
 
 
 @pytest.mark.parametrize(
