@@ -74,11 +74,19 @@ class Announcement:
         return cls(node, inc, seq, tuple(sorted(set(links))), leaving)
 
 
+#: How often a node answers announcements about itself that it did not make. Once is
+#: enough after a restart with a clock behind its previous life; more means another
+#: node runs with the same id, and answering forever would be a flood without end.
+MAX_SELF_CORRECTIONS = 3
+
+
 class Membership:
     """The announcement database of one node, and the view derived from it."""
 
     def __init__(self, self_id: str, incarnation: int) -> None:
         self.self_id = self_id
+        #: Announcements about this node that it did not make (see MAX_SELF_CORRECTIONS).
+        self.self_conflicts = 0
         self._db: dict[str, Announcement] = {
             self_id: Announcement(self_id, incarnation, 1, ())
         }
@@ -109,18 +117,25 @@ class Membership:
         """Merge announcements from a peer; returns those to flood further.
 
         An announcement about this node that is newer than ours (our previous life,
-        or a clock that went backwards) makes us re-announce with a higher version.
+        or a clock that went backwards) makes us re-announce with a higher version,
+        at most MAX_SELF_CORRECTIONS times.
         """
         fresh: list[Announcement] = []
         for ann in announcements:
             known = self._db.get(ann.node)
-            if known is not None and ann.version <= known.version:
-                continue
             if ann.node == self.self_id:
-                own = self.own
-                fresh.append(
-                    self._replace_own(ann.incarnation, ann.seq + 1, own.links, own.leaving)
-                )
+                # ours comes back to us on rings: only a newer one, or another at
+                # our version saying something else, was not made by this node
+                if ann == known or ann.version < known.version:
+                    continue
+                self.self_conflicts += 1
+                if self.self_conflicts <= MAX_SELF_CORRECTIONS:
+                    own = self.own
+                    fresh.append(self._replace_own(
+                        ann.incarnation, ann.seq + 1, own.links, own.leaving
+                    ))
+                continue
+            if known is not None and ann.version <= known.version:
                 continue
             self._db[ann.node] = ann
             fresh.append(ann)

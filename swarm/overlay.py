@@ -97,7 +97,15 @@ class Overlay:
 
     def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
         before = self._view()
+        conflicts = self.membership.self_conflicts
         self._spread(self.membership.receive(anns), link.peer, before)
+        if self.membership.self_conflicts > conflicts:
+            _log.warn(
+                "an announcement about {node} that this node did not make came via "
+                "{peer} ({count} so far): a restart with the clock behind, or another "
+                "node running with the same --node-id",
+                node=self.node_id, peer=link.peer, count=self.membership.self_conflicts,
+            )
 
     def _view(self) -> tuple[frozenset, frozenset]:
         """What placement depends on: who is reachable, and who may own keys."""

@@ -291,3 +291,29 @@ async def test_a_join_under_load_loses_no_write_and_serves_no_stale_read():
         assert len(newcomer.store) > 100
     finally:
         await stop_all(nodes + ([newcomer] if newcomer else []))
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_with_one_id_do_not_flood_forever():
+    """A copy-pasted --node-id: both ends correct the other a few times, then stop."""
+    from swarm.membership import MAX_SELF_CORRECTIONS
+
+    hub = await start_node(node_id="hub")
+    twin1 = await start_node(node_id="twin", peers=(hub.url,))
+    await until(lambda: hub.overlay.neighbors == ["twin"])
+    twin2 = await start_node(node_id="twin")
+    try:
+        other = await start_node(node_id="other", peers=(hub.url,))
+        twin2.add_peer(other.url)
+        await until(lambda: max(twin1.overlay.membership.self_conflicts,
+                                twin2.overlay.membership.self_conflicts) > MAX_SELF_CORRECTIONS,
+                    what="the twins to notice each other")
+        seqs = (twin1.overlay.membership.own.seq, twin2.overlay.membership.own.seq)
+        # quiet: a further announcement round changes nothing any more
+        await until(lambda: hub.overlay.membership.reachable >= {"hub", "other"})
+        from twisted.internet import reactor, task
+        await task.deferLater(reactor, 0.3, lambda: None)  # a flood would go on here
+        assert (twin1.overlay.membership.own.seq, twin2.overlay.membership.own.seq) == seqs
+        await other.stopService()
+    finally:
+        await stop_all([twin2, twin1, hub])
