@@ -1,8 +1,11 @@
-"""Shared fixtures: real nodes listening on 127.0.0.1, port 0."""
+"""Shared fixtures: real nodes listening on 127.0.0.1 (port 0), swarms of them, and a
+store on a fake clock."""
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
+
 from swarm.service import SwarmNode
 
 
@@ -56,7 +59,6 @@ async def stop_all(nodes) -> None:
 
 # -- a store on a fake clock, for the unit tests of swarm.store and swarm.commands ------
 
-import pytest  # noqa: E402  (appended; the fixtures above need only pytest_twisted)
 
 
 @pytest.fixture
