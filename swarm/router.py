@@ -35,6 +35,8 @@ DEFAULT_MAX_HOPS = 32
 #: For this long after a change of view, a key missing at its new owner is first
 #: taken from its previous owner, in case the handoff has not brought it yet.
 MIGRATION_WINDOW = 10.0
+#: At most this many earlier placements are searched for a missing key.
+MAX_ORIGINS = 8
 
 
 class QueryRouter:
@@ -57,7 +59,9 @@ class QueryRouter:
         self._node_stats = node_stats
         self._peer_parser = RequestParser(internal=True)
         self.placement = Placement([node_id], replicas)
-        self.previous: Placement | None = None
+        # Where keys may still be for a while after a change of view (see view_changed).
+        self._origins: dict[frozenset[str], Placement] = {}
+        self._last_view: frozenset[str] = frozenset([node_id])
         self._migrating_until = 0.0
         self._node_ops: dict[str, Callable[[dict], dict]] = {
             "ping": self.handle_ping,
@@ -68,16 +72,28 @@ class QueryRouter:
         overlay.handle_request = self.route_forwarded
 
     def view_changed(self) -> None:
-        """Recompute key placement over the nodes this node can reach now."""
+        """Recompute key placement over the nodes this node can reach now.
+
+        Until the handoffs have run, a key this node now owns may still sit where it
+        was written: with its owner in a view this node had a moment ago (a join
+        elsewhere, a node leaving), or with its owner among nodes that have just become
+        reachable (this node joined them, or a partition healed: they placed keys among
+        themselves). For MIGRATION_WINDOW after the last change, :meth:`_still_elsewhere`
+        looks for missing keys with their owners in each of those placements.
+        """
         membership = self.overlay.membership
-        owners = membership.owners or frozenset([self.node_id])
-        self.placement = Placement(owners, self.replicas)
-        # Rendezvous placement moves keys only to a node that joins and only away from
-        # one that leaves, so a key this node owns now but lacks was, if anywhere, with
-        # its owner among the others (a leaving node included: it still holds its keys).
-        others = membership.reachable - {self.node_id}
-        self.previous = Placement(others, self.replicas) if others else None
-        self._migrating_until = self.overlay.clock.seconds() + MIGRATION_WINDOW
+        reachable = membership.reachable
+        self.placement = Placement(membership.owners or {self.node_id}, self.replicas)
+        now = self.overlay.clock.seconds()
+        if now > self._migrating_until:
+            self._origins = {}
+        for nodes in (self._last_view, reachable - self._last_view):
+            if nodes - {self.node_id} and nodes not in self._origins:
+                self._origins[nodes] = Placement(nodes, self.replicas)
+        while len(self._origins) > MAX_ORIGINS:  # oldest first
+            del self._origins[next(iter(self._origins))]
+        self._last_view = reachable
+        self._migrating_until = now + MIGRATION_WINDOW
 
     # -- entry points -----------------------------------------------------------------
 
@@ -209,15 +225,18 @@ class QueryRouter:
             return error_reply(rid, InternalError("internal error"))
 
     def _still_elsewhere(self, keys) -> dict[str, list[str]]:
-        """Keys missing here whose previous owner, still reachable, may hold them."""
-        if self.previous is None or self.overlay.clock.seconds() > self._migrating_until:
+        """Keys missing here, by the reachable nodes that may still hold them."""
+        if not self._origins or self.overlay.clock.seconds() > self._migrating_until:
             return {}
+        exists = self.commands.store.exists
         reachable = self.overlay.membership.reachable
         found: dict[str, list[str]] = {}
         for key in keys:
-            prev = self.previous.primary(key)
-            if prev != self.node_id and prev in reachable and not self.commands.store.exists(key):
-                found.setdefault(prev, []).append(key)
+            if exists(key):
+                continue
+            for holder in {origin.primary(key) for origin in self._origins.values()}:
+                if holder != self.node_id and holder in reachable:
+                    found.setdefault(holder, []).append(key)
         return found
 
     @staticmethod

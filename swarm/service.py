@@ -304,7 +304,7 @@ class SwarmNode(MultiService, CacheOps):
         return stats
 
     def _health(self) -> tuple[bool, dict]:
-        serving = self.running and not self._stopping and self._listener.port is not None
+        serving = bool(self.running) and not self._stopping and self._listener.port is not None
         return serving, {
             "status": "ok" if serving else "stopping",
             "node": self.node_id,

@@ -317,3 +317,51 @@ async def test_two_nodes_with_one_id_do_not_flood_forever():
         await other.stopService()
     finally:
         await stop_all([twin2, twin1, hub])
+
+
+@pytest_twisted.ensureDeferred
+async def test_disagreeing_views_end_at_the_hop_limit_and_leak_nothing():
+    """n0 believes n1 owns every key and n1 believes n0 does: the request bounces
+    until its hop limit, then the client gets unavailable, and no Deferred is left."""
+    from swarm.placement import Placement
+
+    nodes = await start_swarm(2, [(1, 0)])
+    try:
+        n0, n1 = nodes
+        n0.router.placement = Placement(["n1"], 1)
+        n1.router.placement = Placement(["n0"], 1)
+        with pytest.raises(Unavailable, match="hop limit"):
+            await n0.get("bouncing")
+        assert not n0.overlay.busy and not n1.overlay.busy
+        # views agree again after the next change: the key is served normally
+        n0.router.view_changed()
+        n1.router.view_changed()
+        assert await n0.set("bouncing", 1) and await n1.get("bouncing") == 1
+    finally:
+        await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_healed_partition_merges_views_and_data():
+    nodes = await start_swarm(4, LINE5[:3])  # n0 - n1 - n2 - n3
+    try:
+        cut = nodes[1].upstreams[0]  # n1 dials n2: the only link between the halves
+        await cut.stopService()
+        left, right = nodes[:2], nodes[2:]
+        await until(lambda: all(len(n.overlay.membership.reachable) == 2 for n in nodes),
+                    what="the halves to see only themselves")
+        # each half goes on serving, with its own placement
+        await left[0].mset({f"left{i}": i for i in range(100)})
+        await right[1].mset({f"right{i}": i for i in range(100)})
+        assert await right[0].get("left1") is None  # not visible across the cut
+        cut.startService()  # heal
+        await until(lambda: all(len(n.overlay.membership.reachable) == 4 for n in nodes),
+                    what="the views to merge")
+        expected = {**{f"left{i}": i for i in range(100)},
+                    **{f"right{i}": i for i in range(100)}}
+        for n in nodes:
+            assert await n.mget(list(expected)) == expected
+        await until(lambda: exactly_one_copy(nodes, list(expected)),
+                    what="entries to reach their owners")
+    finally:
+        await stop_all(nodes)
