@@ -25,16 +25,18 @@ from swarm.overlay import Overlay
 from swarm.peer_wire import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REFUSED,
+    MAX_PEER_MESSAGE,
     PeerProtocolError,
     check_hello,
     decode_peer_frame,
-    encode_peer_frame,
+    encode_message,
+    frames_of,
 )
+from swarm.errors import TooLarge
+from swarm.wire import error_reply
 
 _log = logger(__name__)
 
-#: Largest peer frame: batches and handoffs carry many values at once.
-MAX_PEER_MESSAGE = 64 * 1024 * 1024
 
 
 class _PeerProtocolMixin:
@@ -60,8 +62,22 @@ class _PeerProtocolMixin:
 
     def _flush(self) -> None:
         messages, self._outbox = self._outbox, None
-        if messages and self.state == self.STATE_OPEN:
-            self.sendMessage(encode_peer_frame(messages), isBinary=True)
+        if not messages or self.state != self.STATE_OPEN:
+            return
+        for frame in frames_of(messages, self._too_large):
+            self.sendMessage(frame, isBinary=True)
+
+    def _too_large(self, msg: dict, size: int) -> bytes | None:
+        """A message no peer would accept: answer with an error instead of sending it
+        (sending it would make the peer close the whole link)."""
+        error = TooLarge(f"a {size}-byte peer message exceeds the limit of {MAX_PEER_MESSAGE}")
+        _log.warn("not sending to {peer}: {error}", peer=self.peer, error=error.message)
+        if msg["t"] == "rep":
+            rid, rep = msg["rid"], msg["rep"]
+            return encode_message({"t": "rep", "rid": rid, "rep": error_reply(rep.get("id"), error)})
+        if msg["t"] == "req" and self.link is not None:
+            self.link.on_reply(msg["rid"], error_reply(msg["req"].get("id"), error))
+        return None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         overlay: Overlay = self.factory.overlay

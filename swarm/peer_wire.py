@@ -15,7 +15,7 @@ A malformed frame or message raises :class:`PeerProtocolError`; the link is clos
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import cbor2
 
@@ -33,8 +33,57 @@ class PeerProtocolError(Exception):
     """A peer sent something this node cannot accept."""
 
 
+#: The largest peer frame a node accepts; a link that receives more is closed (1009).
+MAX_PEER_MESSAGE = 64 * 1024 * 1024
+#: Frames are cut at about this size, so one large reply does not hold up the others.
+FRAME_TARGET = 1024 * 1024
+
+
+def encode_message(msg: dict) -> bytes:
+    return cbor2.dumps(msg)
+
+
 def encode_peer_frame(messages: list[dict]) -> bytes:
-    return cbor2.dumps(messages)
+    """All ``messages`` in one frame (the inverse of :func:`decode_peer_frame`)."""
+    return _frame([encode_message(m) for m in messages])
+
+
+def _frame(encoded: list[bytes]) -> bytes:
+    return _array_head(len(encoded)) + b"".join(encoded)
+
+
+def _array_head(count: int) -> bytes:
+    """The CBOR head of an array of ``count`` items (major type 4)."""
+    if count < 24:
+        return bytes([0x80 + count])
+    for code, width in ((0x98, 1), (0x99, 2), (0x9A, 4)):
+        if count < 256**width:
+            return bytes([code]) + count.to_bytes(width, "big")
+    return b"\x9b" + count.to_bytes(8, "big")
+
+
+def frames_of(messages: list[dict], too_large) -> Iterator[bytes]:
+    """Peer frames holding ``messages`` in order, each about FRAME_TARGET at most.
+
+    Messages are encoded one by one, so a frame is cut exactly where it would grow too
+    big; a message that alone exceeds MAX_PEER_MESSAGE is replaced by what
+    ``too_large(msg, size)`` returns (an encoded message, or None to drop it).
+    """
+    chunk: list[bytes] = []
+    size = 0
+    for msg in messages:
+        data: bytes | None = encode_message(msg)
+        if len(data) > MAX_PEER_MESSAGE - 16:
+            data = too_large(msg, len(data))
+            if data is None:
+                continue
+        if chunk and size + len(data) > FRAME_TARGET:
+            yield _frame(chunk)
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        yield _frame(chunk)
 
 
 def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:

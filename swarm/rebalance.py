@@ -13,17 +13,20 @@ Runs never overlap: a view change during a run schedules one more run after it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 
 from swarm.logs import logger
 from swarm.placement import Placement
-from swarm.store import IStore
+from swarm.store import IStore, measure
 
 _log = logger(__name__)
 
+#: A handoff request carries at most CHUNK entries and about CHUNK_BYTES of values, so
+#: it travels in frames every peer accepts and takes turns with other traffic.
 CHUNK = 256
+CHUNK_BYTES = 4 * 1024 * 1024
 #: Changes often come in bursts (a link-state flood): wait this long to act once.
 SETTLE = 0.05
 
@@ -75,9 +78,9 @@ class Rebalancer:
         if not groups:
             return succeed(0)
         sends = [
-            self._hand_over(owner, entries[i:i + CHUNK])
+            self._hand_over(owner, chunk)
             for owner, entries in groups.items()
-            for i in range(0, len(entries), CHUNK)
+            for chunk in _chunks(entries)
         ]
         return gatherResults(sends).addCallback(sum)
 
@@ -109,3 +112,16 @@ class Rebalancer:
         self._scheduled = None
         self._again = False
 
+
+def _chunks(entries: list) -> Iterator[list]:
+    chunk: list = []
+    size = 0
+    for entry in entries:
+        weight = measure(entry[1])
+        if chunk and (len(chunk) == CHUNK or size + weight > CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += weight
+    if chunk:
+        yield chunk

@@ -7,11 +7,14 @@ import pytest
 
 from swarm.membership import Announcement
 from swarm.peer_wire import (
+    FRAME_TARGET,
+    MAX_PEER_MESSAGE,
     PROTOCOL_VERSION,
     PeerProtocolError,
     check_hello,
     decode_peer_frame,
     encode_peer_frame,
+    frames_of,
     hello,
 )
 
@@ -174,3 +177,42 @@ def test_check_hello_accepts_a_good_hello():
 def test_bytes_after_the_frame_are_refused():
     with pytest.raises(PeerProtocolError):
         decode_peer_frame(encode_peer_frame([HELLO]) + b"\x01", True)
+
+
+# -- frames_of: cutting outgoing messages into frames a peer accepts --------------------
+
+def _rep(rid: int, size: int) -> dict:
+    return {"t": "rep", "rid": rid, "rep": {"id": rid, "ok": True, "value": "v" * size}}
+
+
+def test_frames_of_keeps_order_and_cuts_near_the_target():
+    messages = [_rep(i, 300_000) for i in range(10)]  # 3 MB in all
+    frames = list(frames_of(messages, lambda m, n: pytest.fail("nothing is too large")))
+    assert len(frames) >= 3
+    assert all(len(f) <= FRAME_TARGET + 400_000 for f in frames)
+    decoded = [m for f in frames for m in decode_peer_frame(f, True)]
+    assert [m["rid"] for m in decoded] == list(range(10))
+
+
+def test_frames_of_puts_small_messages_in_one_frame():
+    messages = [{"t": "rep", "rid": i, "rep": {"id": i, "ok": True}} for i in range(500)]
+    (frame,) = frames_of(messages, lambda m, n: None)
+    assert len(decode_peer_frame(frame, True)) == 500
+
+
+def test_frames_of_replaces_a_message_too_large_for_any_peer():
+    huge = _rep(7, MAX_PEER_MESSAGE)
+    seen = []
+
+    def too_large(msg, size):
+        seen.append((msg["rid"], size))
+        return cbor2.dumps({"t": "rep", "rid": 7, "rep": {"id": 7, "ok": False}})
+
+    frames = list(frames_of([_rep(6, 10), huge, _rep(8, 10)], too_large))
+    decoded = [m for f in frames for m in decode_peer_frame(f, True)]
+    assert [m["rid"] for m in decoded] == [6, 7, 8]
+    assert decoded[1]["rep"]["ok"] is False
+    assert seen and seen[0][0] == 7 and seen[0][1] > MAX_PEER_MESSAGE
+    # or dropped altogether when the replacement is None
+    frames = list(frames_of([_rep(6, 10), huge], lambda m, n: None))
+    assert [m["rid"] for f in frames for m in decode_peer_frame(f, True)] == [6]

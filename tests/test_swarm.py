@@ -365,3 +365,25 @@ async def test_a_healed_partition_merges_views_and_data():
                     what="entries to reach their owners")
     finally:
         await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_values_move_on_a_join_without_breaking_the_link():
+    """Handoffs are cut into frames a peer accepts: 300 values of 512 KiB (150 MiB)."""
+    nodes = [await start_node(node_id="n0", max_memory=1024 * 1024 * 1024)]
+    newcomer = None
+    try:
+        big = "x" * (512 * 1024)
+        keys = [f"big{i}" for i in range(300)]
+        for i in range(0, 300, 6):  # client frames stay under 4 MiB
+            await nodes[0].mset({k: big for k in keys[i:i + 6]})
+        newcomer = await start_node(node_id="n1", peers=(nodes[0].url,),
+                                    max_memory=1024 * 1024 * 1024)
+        everyone = nodes + [newcomer]
+        await until(lambda: len(newcomer.store) > 100 and exactly_one_copy(everyone, keys),
+                    timeout=60, what="the big values to move")
+        # the ~75 MiB handoff went through without the link ever dropping
+        assert newcomer.overlay.membership.own.seq == 2
+        assert all(len(n.overlay.membership.reachable) == 2 for n in everyone)
+    finally:
+        await stop_all(nodes + ([newcomer] if newcomer else []))
