@@ -12,10 +12,17 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, gatherResults
 
-from swarm.errors import InternalError, SwarmError
+from swarm.errors import InternalError, SwarmError, TooLarge
 from swarm.logs import logger
 from swarm.router import QueryRouter
-from swarm.wire import RequestParser, decode_frame, encode_frame, error_reply, request_id
+from swarm.wire import (
+    RequestParser,
+    decode_frame,
+    encode_frame,
+    error_reply,
+    request_id,
+    weigh,
+)
 
 _log = logger(__name__)
 
@@ -50,6 +57,18 @@ class FrameHandler:
 
         return gatherResults([d for _, d in waiting]).addCallback(fill)
 
+    def _within_budget(self, replies: list) -> None:
+        """Replace the replies that would take the frame past max_reply_bytes."""
+        budget = self.parser.limits.max_reply_bytes
+        spent = 0
+        for i, reply in enumerate(replies):
+            spent += weigh(reply, budget - spent)
+            if spent > budget:
+                replies[i] = error_reply(reply.get("id"), TooLarge(
+                    f"the reply would take more than {budget} bytes; ask for less at once"
+                ))
+                spent = budget  # the replies after this one still get their error
+
     def _handle_one(self, obj: Any) -> dict | Deferred:
         try:
             request = self.parser.parse(obj)
@@ -58,6 +77,7 @@ class FrameHandler:
         return self.router.handle(request)
 
     def _encode(self, replies: list, is_batch: bool, is_binary: bool) -> bytes:
+        self._within_budget(replies)
         try:
             return encode_frame(replies if is_batch else replies[0], is_binary)
         except Exception:

@@ -42,6 +42,9 @@ class Limits:
     max_key_bytes: int = 1024
     max_depth: int = 32
     max_batch: int = 10_000
+    #: A reply frame may weigh (see :func:`weigh`) about this much; replies past it
+    #: are answered ``too_large`` (a big ``mget``, a batch of large ``get``s).
+    max_reply_bytes: int = 64 * 1024 * 1024
 
 
 # -- frames -----------------------------------------------------------------------------
@@ -73,21 +76,30 @@ def check_expansion(obj: Any, budget: int) -> None:
     """Refuse a decoded frame that shares containers or weighs more than ``budget``.
 
     CBOR can say "the same object again" in a few bytes, so a small frame could stand
-    for an enormous tree, or a reply that repeats a large id thousands of times. The
-    walk charges every element at least 8 bytes and stops as soon as the budget is
-    spent, so it costs O(budget / 8) however the frame is built.
+    for an enormous tree, or a reply that repeats a large id thousands of times.
+    """
+    if weigh(obj, budget, refuse_shared=True) > budget:
+        raise TooLarge("frame decodes to far more data than it carries")
+
+
+def weigh(obj: Any, budget: int, refuse_shared: bool = False) -> int:
+    """About how many bytes ``obj`` takes: 8 per element plus the length of strings.
+
+    Stops as soon as the weight passes ``budget`` (and returns it), so the walk costs
+    O(budget / 8) however the object is built.
     """
     stack = [obj]
     seen: set[int] = set()
     spent = 0
-    while stack:
+    while stack and spent <= budget:
         item = stack.pop()
         if isinstance(item, (str, bytes)):
             spent += 8 + len(item)
         elif isinstance(item, (list, dict)):
-            if id(item) in seen:
-                raise BadRequest("frame shares a container between places (CBOR tag 29)")
-            seen.add(id(item))
+            if refuse_shared:
+                if id(item) in seen:
+                    raise BadRequest("frame shares a container between places (CBOR tag 29)")
+                seen.add(id(item))
             spent += 8
             if isinstance(item, dict):
                 stack.extend(item.keys())
@@ -96,8 +108,7 @@ def check_expansion(obj: Any, budget: int) -> None:
                 stack.extend(item)
         else:
             spent += 8
-        if spent > budget:
-            raise TooLarge("frame decodes to far more data than it carries")
+    return spent
 
 
 def decode_frame(payload: bytes, is_binary: bool) -> Any:

@@ -109,3 +109,27 @@ async def test_health_turns_503_as_soon_as_the_node_stops():
         await stopping
     finally:
         await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_past_the_reply_budget_are_too_large_and_the_rest_arrive():
+    from swarm.client import SwarmClient
+    from swarm.wire import Limits
+
+    n = await start_node(limits=Limits(max_reply_bytes=100_000))
+    client = await SwarmClient.connect(n.url)
+    try:
+        value = "v" * 10_000
+        await client.mset({f"k{i}": value for i in range(30)})  # 300 KB in all
+        with pytest.raises(TooLarge, match="ask for less"):
+            await client.mget([f"k{i}" for i in range(30)])
+        assert len(await client.mget([f"k{i}" for i in range(5)])) == 5
+        replies = await client.batch([{"op": "get", "key": f"k{i}"} for i in range(30)])
+        ok = [r["ok"] for r in replies]
+        assert ok[:5] == [True] * 5 and ok[-5:] == [False] * 5
+        assert ok == sorted(ok, reverse=True)  # a prefix fits, the rest is too_large
+        assert replies[-1]["error"]["code"] == "too_large"
+        assert await client.ping() == n.node_id  # the connection is fine
+    finally:
+        await client.close()
+        await n.stopService()
