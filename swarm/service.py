@@ -300,6 +300,8 @@ class SwarmNode(MultiService, CacheOps):
         stats.update(self.store.stats())
         stats["uptime_s"] = round(self.reactor.seconds() - (self._started_at or 0), 3)
         stats["peers"] = len(self.overlay.neighbors)
+        stats["peer_links"] = self.overlay.link_count()  # spares included
+        stats["swarm_nodes"] = len(self.overlay.membership.reachable)
         stats["connections"] = len(self.client_factory.connections)
         return stats
 

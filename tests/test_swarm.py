@@ -103,6 +103,8 @@ async def test_two_nodes_that_dial_each_other_have_one_link():
         await until(lambda: a.overlay.link_count() == 2 and b.overlay.link_count() == 2,
                     what="both connections up")
         assert a.overlay.neighbors == ["b"] and b.overlay.neighbors == ["a"]
+        stats = await a.stats()
+        assert (stats["peers"], stats["peer_links"], stats["swarm_nodes"]) == (1, 2, 2)
         await every_node_reads_every_write([a, b])
         # nothing flaps: the same two connections are still up a little later
         before = list(a.peer_factory.connections) + list(b.peer_factory.connections)
