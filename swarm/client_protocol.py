@@ -150,6 +150,7 @@ class ClientFactory(WebSocketServerFactory, ConnectionTracker):
     """Builds :class:`ClientProtocol` with the node's limits; knows every open one."""
 
     protocol = ClientProtocol
+    noisy = False
 
     def __init__(self, frames: FrameHandler, max_message_size: int) -> None:
         WebSocketServerFactory.__init__(self)

@@ -136,6 +136,7 @@ class PeerServerFactory(WebSocketServerFactory, ConnectionTracker):
     """Accepts links at ``/peer``."""
 
     protocol = PeerServerProtocol
+    noisy = False
 
     def __init__(self, overlay: Overlay, ping_interval: float, ping_timeout: float):
         WebSocketServerFactory.__init__(self)
@@ -154,6 +155,7 @@ class PeerClientFactory(WebSocketClientFactory, ConnectionTracker):
     """Dials one ``--peer``; tells its upstream how each attempt went."""
 
     protocol = PeerClientProtocol
+    noisy = False  # no "Starting factory" line on every redial
 
     def __init__(
         self,

@@ -224,9 +224,11 @@ class SwarmNode(MultiService, CacheOps):
 
     def _view_changed(self) -> None:
         self.router.view_changed()
+        membership = self.overlay.membership
         _log.info(
-            "swarm view of {node}: {count} nodes reachable",
-            node=self.node_id, count=len(self.overlay.membership.reachable),
+            "view of {node}: nodes reachable {count}, holding keys {owners}",
+            node=self.node_id, count=len(membership.reachable),
+            owners=len(membership.owners),
         )
         self.rebalancer.schedule()
 

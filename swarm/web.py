@@ -40,10 +40,10 @@ def build_site(
         root.putChild(b"", WebSocketResource(client_factory))
     root.putChild(b"peer", peer_resource)
     root.putChild(b"health", HealthResource(health))
-    return _QuietSite(root)
+    return NodeSite(root)
 
 
-class _QuietSite(Site):
+class NodeSite(Site):
     """No access log: load balancers probe /health every few seconds."""
 
     noisy = False
