@@ -195,17 +195,23 @@ class SwarmNode(MultiService, CacheOps):
         factories: list = [self.client_factory, self.peer_factory]
         self._ping = (ping_interval, ping_timeout)
         self.upstreams: list[Upstream] = []
+        # With a peer port, peers use only that one: the client port can face users
+        # while the peer port stays behind a firewall.
         self._listener = _Listener(
             _endpoint(reactor, port),
-            build_site(self.client_factory, peer_resource, self._health),
+            build_site(
+                self.client_factory, None if peer_port else peer_resource, self._health
+            ),
             factories, reactor,
         )
         self._listener.setServiceParent(self)
+        self._peer_listener = self._listener
         if peer_port is not None:
-            _Listener(
+            self._peer_listener = _Listener(
                 _endpoint(reactor, peer_port),
                 build_site(None, peer_resource, self._health), [], reactor,
-            ).setServiceParent(self)
+            )
+            self._peer_listener.setServiceParent(self)
         for url in peers:
             self.add_peer(url)
         sweeper = TimerService(SWEEP_INTERVAL, self.store.sweep, SWEEP_LIMIT)
@@ -282,8 +288,12 @@ class SwarmNode(MultiService, CacheOps):
     @property
     def url(self) -> str:
         """ws:// URL of the client endpoint (TCP listeners only)."""
-        host = self._listener.port.getHost()
-        return f"ws://{host.host}:{host.port}"
+        return _ws_url(self._listener)
+
+    @property
+    def peer_url(self) -> str:
+        """ws:// URL other nodes dial (``--peer``) to link to this one."""
+        return _ws_url(self._peer_listener)
 
     # -- embedding API ----------------------------------------------------------------
 
@@ -314,6 +324,11 @@ class SwarmNode(MultiService, CacheOps):
             "node": self.node_id,
             "version": swarm.__version__,
         }
+
+
+def _ws_url(listener: _Listener) -> str:
+    host = listener.port.getHost()
+    return f"ws://{host.host}:{host.port}"
 
 
 def _results(reply: dict) -> dict:

@@ -86,7 +86,8 @@ class Options(usage.Options):
         ["default-ttl", None, 0.0,
          "Seconds to keep entries written without a ttl (0: no expiry).", _seconds],
         ["peer-port", None, None,
-         "Endpoint for peer links only (default: peers use /peer on --port)."],
+         "Endpoint for peer links (at /peer); when given, --port serves clients only. "
+         "Default: peers use /peer on --port."],
         ["swarm", None, DEFAULT_SWARM,
          "Swarm name; links between nodes of different swarms are refused."],
         ["replicas", None, 1, "How many nodes hold each key.", _positive_int],

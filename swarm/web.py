@@ -34,11 +34,12 @@ def build_site(
     peer_resource,
     health: Callable[[], tuple[bool, dict]],
 ) -> Site:
-    """The node's Site; without ``client_factory`` (a ``--peer-port``), peers only."""
+    """The node's Site: clients, peers or both (a ``--peer-port`` splits them)."""
     root = Resource()
     if client_factory is not None:
         root.putChild(b"", WebSocketResource(client_factory))
-    root.putChild(b"peer", peer_resource)
+    if peer_resource is not None:
+        root.putChild(b"peer", peer_resource)
     root.putChild(b"health", HealthResource(health))
     return NodeSite(root)
 

@@ -9,6 +9,16 @@ import pytest_twisted
 from swarm.service import SwarmNode
 
 
+def on_asyncio(coro, timeout: float = 60.0):
+    """Run ``coro`` (asyncio code such as the ``websockets`` client) as a task on the
+    reactor's loop, with a deadline; a Deferred of its result."""
+    import asyncio
+
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(coro, timeout)))
+
+
 async def start_node(**options) -> SwarmNode:
     """A started node on a free loopback port; the caller stops it."""
     from twisted.internet import reactor  # after pytest-twisted installs asyncio's

@@ -29,9 +29,8 @@ import cbor2
 import pytest
 import pytest_twisted
 import websockets
-from twisted.internet.defer import Deferred
 
-from conftest import start_node
+from conftest import on_asyncio, start_node
 
 #: Upper bound for any single wait on the network (a reply, a handshake, a close).
 STEP_TIMEOUT = 10.0
@@ -40,11 +39,6 @@ TEST_TIMEOUT = 60.0
 
 
 # -- running asyncio code from pytest-twisted ------------------------------------------
-
-
-def on_asyncio(coro: Awaitable, timeout: float = TEST_TIMEOUT) -> Deferred:
-    """Run ``coro`` as an asyncio task on the reactor's loop; a Deferred of its result."""
-    return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(coro, timeout)))
 
 
 def asyncio_test(fn: Callable[..., Awaitable]) -> Callable[..., Awaitable]:

@@ -13,7 +13,7 @@ from twisted.web.client import Agent, readBody
 from swarm.errors import BadRequest, NotInteger, TooLarge
 from swarm.service import SwarmNode, endpoint_description
 
-from conftest import start_node
+from conftest import on_asyncio, start_node
 
 
 async def http_get(url: str) -> tuple[int, bytes]:
@@ -79,21 +79,15 @@ async def test_stop_closes_port_and_clients():
 
     n = await start_node()
     url = n.url
-    ws = await _as_deferred(websockets.connect(url))
+    ws = await on_asyncio(websockets.connect(url))
     assert len(n.client_factory.connections) == 1
     await n.stopService()
     assert n.client_factory.connections == set()
-    await _as_deferred(ws.wait_closed())
+    await on_asyncio(ws.wait_closed())
     assert ws.close_code == 1001
     with pytest.raises(Exception):
-        await _as_deferred(websockets.connect(url, open_timeout=2))
+        await on_asyncio(websockets.connect(url, open_timeout=2))
 
-
-def _as_deferred(coro):
-    from twisted.internet.defer import Deferred
-    import asyncio
-
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 @pytest_twisted.ensureDeferred

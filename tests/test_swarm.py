@@ -389,3 +389,26 @@ async def test_large_values_move_on_a_join_without_breaking_the_link():
         assert all(len(n.overlay.membership.reachable) == 2 for n in everyone)
     finally:
         await stop_all(nodes + ([newcomer] if newcomer else []))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_separate_peer_port_takes_the_links_and_the_client_port_none():
+    import websockets
+
+    from conftest import on_asyncio
+
+    a = await start_node(node_id="a", peer_port="tcp:0:interface=127.0.0.1")
+    b = await start_node(node_id="b")
+    try:
+        assert a.peer_url != a.url
+        b.add_peer(a.peer_url)
+        await until(lambda: a.overlay.neighbors == ["b"], what="the link on the peer port")
+        assert await b.set("k", 1) and await a.get("k") == 1
+        # the client port no longer answers at /peer
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            await on_asyncio(websockets.connect(a.url + "/peer", open_timeout=5))
+        # and the peer port serves no clients
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            await on_asyncio(websockets.connect(a.peer_url, open_timeout=5))
+    finally:
+        await stop_all([b, a])

@@ -17,8 +17,8 @@ import cbor2
 import pytest
 import pytest_twisted
 import websockets
-from twisted.internet.defer import Deferred
 
+from conftest import on_asyncio
 from twistd_support import EXIT_DEADLINE, Twistd, free_port, health, start_node
 
 
@@ -41,10 +41,6 @@ def twistd_node(tmp_path):
 
 
 # -- helpers for the async tests --------------------------------------------------------
-
-
-def on_asyncio(coro) -> Deferred:
-    return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(coro, 30)))
 
 
 #: After a clean shutdown on SIGTERM, twistd (Twisted >= 20.3, twisted/scripts/twistd.py
