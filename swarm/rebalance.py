@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.task import deferLater
 
 from swarm.logs import logger
 from swarm.placement import Placement
@@ -27,6 +28,8 @@ _log = logger(__name__)
 #: it travels in frames every peer accepts and takes turns with other traffic.
 CHUNK = 256
 CHUNK_BYTES = 4 * 1024 * 1024
+#: The scan for entries to hand over yields to the reactor after this many entries.
+SCAN_SLICE = 5000
 #: Changes often come in bursts (a link-state flood): wait this long to act once.
 SETTLE = 0.05
 
@@ -70,19 +73,22 @@ class Rebalancer:
     def run(self, placement: Placement) -> Deferred:
         """Hand every entry this node does not own under ``placement``; fires with the
         number of entries handed over."""
+        return Deferred.fromCoroutine(self._run(placement))
+
+    async def _run(self, placement: Placement) -> int:
         groups: dict[str, list] = {}
-        for key, value, ttl in self.store.entries():
+        for n, (key, value, ttl) in enumerate(self.store.entries(), 1):
             owners = placement.owners(key)
             if self.node_id not in owners:
                 groups.setdefault(owners[0], []).append([key, value, ttl])
-        if not groups:
-            return succeed(0)
+            if n % SCAN_SLICE == 0:  # a big store: let the reactor serve meanwhile
+                await deferLater(self.clock, 0, lambda: None)
         sends = [
             self._hand_over(owner, chunk)
             for owner, entries in groups.items()
             for chunk in _chunks(entries)
         ]
-        return gatherResults(sends).addCallback(sum)
+        return sum(await gatherResults(sends)) if sends else 0
 
     def _hand_over(self, owner: str, entries: list) -> Deferred:
         request = {"id": 0, "op": "restore", "entries": entries}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 from zope.interface import Interface, implementer
 
@@ -94,8 +94,11 @@ class IStore(Interface):
     def incr(key: str, delta: int, ttl: float | None) -> int:
         """Add ``delta`` to an integer entry (``ttl`` applies only if it is created)."""
 
-    def entries() -> list[tuple[str, Any, float | None]]:
-        """Every live entry as (key, value, seconds left or None), for handoffs."""
+    def entries() -> Iterator[tuple[str, Any, float | None]]:
+        """Every live entry as (key, value, seconds left or None), for handoffs.
+
+        Lazy, and safe to pause between items while the store changes: entries
+        removed meanwhile are skipped, entries added meanwhile may not appear."""
 
     def discard(key: str, value: Any) -> bool:
         """Delete ``key`` only if it still holds this very ``value`` (after a handoff)."""
@@ -293,13 +296,16 @@ class MemoryStore:
             self._remove(key, self._entries[key])
             self.evictions += 1
 
-    def entries(self) -> list[tuple[str, Any, float | None]]:
-        now = self._clock.seconds()
-        return [
-            (key, e.value, None if e.expires_at is None else e.expires_at - now)
-            for key, e in self._entries.items()
-            if e.expires_at is None or e.expires_at > now
-        ]
+    def entries(self) -> Iterator[tuple[str, Any, float | None]]:
+        for key in list(self._entries):  # a snapshot of the keys, not of the entries
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            now = self._clock.seconds()
+            if entry.expires_at is None:
+                yield key, entry.value, None
+            elif entry.expires_at > now:
+                yield key, entry.value, entry.expires_at - now
 
     def discard(self, key: str, value: Any) -> bool:
         entry = self._entries.get(key)

@@ -721,3 +721,31 @@ def test_runs_end_to_end_through_the_real_run():
     h.rebalancer.schedule()
     h.clock.advance(SETTLE)
     assert len(h.sends) == 1  # nothing left to hand over
+
+
+def test_a_large_scan_yields_to_the_reactor_between_slices():
+    from swarm.rebalance import SCAN_SLICE
+
+    h = Handoff()
+    h.fill("b", 2 * SCAN_SLICE + 10)
+    done = h.rebalancer.run(h.placement)
+    # the first slice is scanned, then the scan waits for the reactor's next turn
+    assert not done.called and h.sends == [] and h.clock.getDelayedCalls()
+    h.clock.advance(0)  # (a fake clock's turn also runs what it schedules meanwhile)
+    assert len(h.sends) == -(-(2 * SCAN_SLICE + 10) // CHUNK)  # everything, in chunks
+    for _, request, d in h.sends:
+        d.callback(ok(0, stored=len(request["entries"])))
+    assert result_of(done) == 2 * SCAN_SLICE + 10
+
+
+def test_entries_removed_during_a_paused_scan_are_skipped():
+    from swarm.rebalance import SCAN_SLICE
+
+    h = Handoff()
+    keys = h.fill("b", SCAN_SLICE + 10)
+    h.rebalancer.run(h.placement)
+    for key in keys[SCAN_SLICE:]:  # not scanned yet: the scan paused before them
+        h.store.delete(key)
+    h.clock.advance(0)
+    sent = {e[0] for _, request, _ in h.sends for e in request["entries"]}
+    assert sent == set(keys[:SCAN_SLICE])

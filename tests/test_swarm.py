@@ -394,6 +394,7 @@ async def test_large_values_move_on_a_join_without_breaking_the_link():
 @pytest_twisted.ensureDeferred
 async def test_a_separate_peer_port_takes_the_links_and_the_client_port_none():
     import websockets
+    from websockets.exceptions import InvalidStatus
 
     from conftest import on_asyncio
 
@@ -405,10 +406,10 @@ async def test_a_separate_peer_port_takes_the_links_and_the_client_port_none():
         await until(lambda: a.overlay.neighbors == ["b"], what="the link on the peer port")
         assert await b.set("k", 1) and await a.get("k") == 1
         # the client port no longer answers at /peer
-        with pytest.raises(websockets.exceptions.InvalidStatus):
+        with pytest.raises(InvalidStatus):
             await on_asyncio(websockets.connect(a.url + "/peer", open_timeout=5))
         # and the peer port serves no clients
-        with pytest.raises(websockets.exceptions.InvalidStatus):
+        with pytest.raises(InvalidStatus):
             await on_asyncio(websockets.connect(a.peer_url, open_timeout=5))
     finally:
         await stop_all([b, a])
