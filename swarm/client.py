@@ -26,14 +26,14 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from swarm.api import CacheOps
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
+from swarm.logs import logger
 from swarm.wire import decode_frame, encode_frame
 
-_log = Logger()
+_log = logger(__name__)
 
 #: The largest frame the client accepts from a node: generous, but bounded so a broken
 #: node cannot make the client buffer without limit.
