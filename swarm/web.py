@@ -10,6 +10,7 @@ import json
 from typing import Callable
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -35,13 +36,18 @@ def build_site(
     health: Callable[[], tuple[bool, dict]],
 ) -> Site:
     """The node's Site: clients, peers or both (a ``--peer-port`` splits them)."""
-    root = Resource()
+    root = _Root()
     if client_factory is not None:
         root.putChild(b"", WebSocketResource(client_factory))
     if peer_resource is not None:
         root.putChild(b"peer", peer_resource)
     root.putChild(b"health", HealthResource(health))
     return NodeSite(root)
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request) -> Resource:
+        return notFound()
 
 
 class NodeSite(Site):

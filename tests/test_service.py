@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
-from twisted.web.client import Agent, readBody
+from twisted.internet.threads import deferToThread
 
 from swarm.errors import BadRequest, NotInteger, TooLarge
 from swarm.service import SwarmNode, endpoint_description
@@ -17,8 +19,16 @@ from conftest import on_asyncio, start_node
 
 
 async def http_get(url: str) -> tuple[int, bytes]:
-    response = await Agent(reactor).request(b"GET", url.encode())
-    return response.code, await readBody(response)
+    """A plain HTTP GET by the standard library (in a thread), as a probe would do it."""
+
+    def fetch() -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    return await deferToThread(fetch)
 
 
 def test_bare_port_listens_on_loopback():
