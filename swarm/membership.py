@@ -108,10 +108,13 @@ class Membership:
             return None
         return self._replace_own(own.incarnation, own.seq + 1, links, own.leaving)
 
-    def set_leaving(self) -> Announcement:
-        """This node is stopping: the announcement that takes it out of placement."""
+    def set_leaving(self, leaving: bool = True) -> Announcement | None:
+        """This node is stopping (or starting again): the announcement that takes it
+        out of placement (or back in), or None when nothing changes."""
         own = self.own
-        return self._replace_own(own.incarnation, own.seq + 1, own.links, True)
+        if own.leaving == leaving:
+            return None
+        return self._replace_own(own.incarnation, own.seq + 1, own.links, leaving)
 
     def receive(self, announcements: Iterable[Announcement]) -> list[Announcement]:
         """Merge announcements from a peer; returns those to flood further.

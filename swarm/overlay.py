@@ -90,10 +90,12 @@ class Overlay:
         if ann is not None:
             self._spread([ann], None, before)
 
-    def leave(self) -> None:
-        """Tell the swarm this node is stopping, so no key is placed on it any more."""
+    def leave(self, leaving: bool = True) -> None:
+        """Tell the swarm this node is stopping, so no key is placed on it any more
+        (or, with ``leaving=False``, that it serves again)."""
         before = self._view()
-        self._spread([self.membership.set_leaving()], None, before)
+        ann = self.membership.set_leaving(leaving)
+        self._spread([ann] if ann else [], None, before)
 
     def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
         before = self._view()

@@ -242,6 +242,8 @@ class SwarmNode(MultiService, CacheOps):
 
     def startService(self) -> None:
         self._started_at = self.reactor.seconds()
+        self._stopping = False
+        self.overlay.leave(False)  # started again after a stop: an owner once more
         super().startService()
         _log.info(
             "swarmcache {version} node {node} started", version=swarm.__version__,

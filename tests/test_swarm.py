@@ -413,3 +413,21 @@ async def test_a_separate_peer_port_takes_the_links_and_the_client_port_none():
             await on_asyncio(websockets.connect(a.peer_url, open_timeout=5))
     finally:
         await stop_all([b, a])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_stopped_and_started_again_rejoins_as_an_owner():
+    nodes = await start_swarm(2, [(1, 0)])
+    try:
+        n1 = nodes[1]
+        await n1.stopService()
+        await until(lambda: nodes[0].overlay.membership.reachable == {"n0"})
+        n1.startService()  # the same service object, as a MultiService parent may do
+        await until(lambda: all(n.overlay.membership.owners == {"n0", "n1"} for n in nodes),
+                    what="n1 to own keys again")
+        assert n1._health()[0] is True
+        keys = [f"k{i}" for i in range(50)]
+        await nodes[0].mset({k: k for k in keys})
+        assert len(n1.store) > 0 and await n1.mget(keys) == {k: k for k in keys}
+    finally:
+        await stop_all(nodes)
