@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from twisted.application.internet import ClientService
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import implementer
 
 from swarm.client import endpoint_description
 from swarm.links import PeerLink
@@ -51,7 +53,28 @@ class RetryPolicy:
     def __call__(self, failed_connects: int) -> float:
         attempts = failed_connects + self.handshake_failures
         ceiling = min(self.maximum, self.initial * 2 ** min(attempts, 32))
-        return ceiling * (0.5 + 0.5 * self.rng())
+        return round(ceiling * (0.5 + 0.5 * self.rng()), 3)
+
+
+@implementer(IStreamClientEndpoint)
+class _PeerEndpoint:
+    """The peer's endpoint, named by its URL in ClientService's retry lines, and saying
+    why a connection attempt failed."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, url: str) -> None:
+        self._endpoint = endpoint
+        self._url = url
+
+    def connect(self, factory):
+        return self._endpoint.connect(factory).addErrback(self._failed)
+
+    def _failed(self, failure):
+        _log.warn("cannot reach peer {url}: {reason}", url=self._url,
+                  reason=failure.getErrorMessage())
+        return failure
+
+    def __repr__(self) -> str:
+        return self._url
 
 
 class Upstream(ClientService):
@@ -69,7 +92,7 @@ class Upstream(ClientService):
         )
         self.factory = factory
         super().__init__(
-            clientFromString(reactor, description), factory,
+            _PeerEndpoint(clientFromString(reactor, description), ws_url), factory,
             retryPolicy=self.policy, clock=reactor,
         )
 
