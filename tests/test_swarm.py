@@ -431,3 +431,31 @@ async def test_a_node_stopped_and_started_again_rejoins_as_an_owner():
         assert len(n1.store) > 0 and await n1.mget(keys) == {k: k for k in keys}
     finally:
         await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_peer_is_logged_with_its_url_and_the_reason():
+    import socket
+
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lines: list[str] = []
+
+    def observe(event) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    node = await start_node(node_id="lonely")
+    try:
+        node.add_peer(f"ws://127.0.0.1:{port}")
+        url = f"ws://127.0.0.1:{port}/peer"
+        await until(lambda: any(f"cannot reach peer {url}: Connection was refused" in line
+                                for line in lines), what="the failure to be logged")
+        await until(lambda: any(f"to connect {url} in" in line for line in lines),
+                    what="the retry line to name the URL")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await node.stopService()
