@@ -197,6 +197,7 @@ async def main(reactor: Any, argv: list[str] | None = None) -> None:
     logs.set_level("warn")
 
     import autobahn
+
     import twisted
 
     print(f"Python {platform.python_version()}, Twisted {twisted.__version__}, "

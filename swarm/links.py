@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
 
 from swarm.errors import SwarmError, Timeout, Unavailable

@@ -19,6 +19,7 @@ from autobahn.twisted.websocket import (
 )
 
 from swarm.client_protocol import ConnectionTracker
+from swarm.errors import TooLarge
 from swarm.links import PeerLink
 from swarm.logs import logger
 from swarm.overlay import Overlay
@@ -32,7 +33,6 @@ from swarm.peer_wire import (
     encode_message,
     frames_of,
 )
-from swarm.errors import TooLarge
 from swarm.wire import error_reply
 
 _log = logger(__name__)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.task import deferLater
 
 import swarm
 from swarm.api import CacheOps
@@ -35,8 +35,8 @@ from swarm.peer_protocol import PeerServerFactory
 from swarm.placement import Placement
 from swarm.rebalance import Rebalancer
 from swarm.router import DEFAULT_REQUEST_TIMEOUT, QueryRouter
-from swarm.upstream import Upstream
 from swarm.store import IStore, MemoryStore
+from swarm.upstream import Upstream
 from swarm.web import build_site
 from swarm.wire import Limits, RequestParser
 

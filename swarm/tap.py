@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 
-
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from swarm import logs
-from swarm.upstream import peer_endpoint_description
-from twisted.internet.endpoints import serverFromString
-
 from swarm.service import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -22,6 +19,7 @@ from swarm.service import (
     SwarmNode,
     endpoint_description,
 )
+from swarm.upstream import peer_endpoint_description
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
           "g": 1024**3, "gb": 1024**3}

@@ -29,7 +29,6 @@ import cbor2
 import pytest
 import pytest_twisted
 import websockets
-
 from conftest import on_asyncio, start_node
 
 #: Upper bound for any single wait on the network (a reply, a handshake, a close).

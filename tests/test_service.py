@@ -8,14 +8,13 @@ import urllib.request
 
 import pytest
 import pytest_twisted
+from conftest import on_asyncio, start_node
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThread
 
 from swarm.errors import BadRequest, NotInteger, TooLarge
 from swarm.service import SwarmNode, endpoint_description
-
-from conftest import on_asyncio, start_node
 
 
 async def http_get(url: str) -> tuple[int, bytes]:
@@ -95,7 +94,7 @@ async def test_stop_closes_port_and_clients():
     assert n.client_factory.connections == set()
     await on_asyncio(ws.wait_closed())
     assert ws.close_code == 1001
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):  # connection refused: the port is closed
         await on_asyncio(websockets.connect(url, open_timeout=2))
 
 

@@ -6,12 +6,11 @@ import itertools
 
 import pytest
 import pytest_twisted
+from conftest import start_node, start_swarm, stop_all, until
 from twisted.internet.defer import Deferred
 
 from swarm.client import SwarmClient
 from swarm.errors import Unavailable
-
-from conftest import start_node, start_swarm, stop_all, until
 
 LINE5 = [(i, i + 1) for i in range(4)]
 RING4 = [(0, 1), (1, 2), (2, 3), (3, 0)]
@@ -394,9 +393,8 @@ async def test_large_values_move_on_a_join_without_breaking_the_link():
 @pytest_twisted.ensureDeferred
 async def test_a_separate_peer_port_takes_the_links_and_the_client_port_none():
     import websockets
-    from websockets.exceptions import InvalidStatus
-
     from conftest import on_asyncio
+    from websockets.exceptions import InvalidStatus
 
     a = await start_node(node_id="a", peer_port="tcp:0:interface=127.0.0.1")
     b = await start_node(node_id="b")

@@ -17,7 +17,6 @@ import cbor2
 import pytest
 import pytest_twisted
 import websockets
-
 from conftest import on_asyncio
 from twistd_support import EXIT_DEADLINE, Twistd, free_port, health, start_node
 

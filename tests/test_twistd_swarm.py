@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twistd_support import Twistd, eventually, free_port, start_node
 from twisted.internet.defer import Deferred
 
 from swarm.client import SwarmClient
 from swarm.errors import Unavailable
-from twistd_support import Twistd, eventually, free_port, start_node
 
 VIEW_DEADLINE = 15.0  # a fresh swarm agrees on its view
 #: Peers are pinged every 1 s with a 2 s timeout, so a dead neighbor goes within ~3 s.
