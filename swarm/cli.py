@@ -1,7 +1,8 @@
 """The ``swarmcache`` command: one request to a node, the answer on stdout.
 
 Exit status: 0 success; 1 when the answer is "no" (get finds nothing, delete deleted
-nothing, exists is false, ttl finds no key, expire updated nothing); 2 for any error, with
+nothing, exists is false, ttl finds no key, expire updated nothing, set --nx/--xx stored
+nothing); 2 for any error, with
 a one-line message on stderr. ``--json`` prints the whole reply as one JSON line for
 scripts. :func:`run` does all the work against an injected reactor so tests call it
 in-process; :func:`main` is the console script.
