@@ -457,3 +457,54 @@ async def test_an_unreachable_peer_is_logged_with_its_url_and_the_reason():
     finally:
         globalLogPublisher.removeObserver(observe)
         await node.stopService()
+
+
+def random_overlay(count: int, extra: int, seed: int) -> list[tuple[int, int]]:
+    """A random spanning tree on ``count`` nodes plus ``extra`` random links: connected,
+    of no particular shape. Each node dials only nodes started before it."""
+    import random
+
+    rng = random.Random(seed)
+    edges = {(i, rng.randrange(i)) for i in range(1, count)}
+    while len(edges) < count - 1 + extra:
+        a, b = rng.sample(range(count), 2)
+        if (a, b) not in edges and (b, a) not in edges:
+            edges.add((max(a, b), min(a, b)))
+    return sorted(edges)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest_twisted.ensureDeferred
+async def test_random_overlays_serve_every_key_from_every_node(seed):
+    edges = random_overlay(6, extra=seed - 1, seed=seed)
+    nodes = await start_swarm(6, edges)
+    try:
+        await every_node_reads_every_write(nodes)
+        keys = [f"r{seed}-{i}" for i in range(120)]
+        await nodes[seed].mset({k: k for k in keys})
+        for n in nodes:
+            assert await n.mget(keys) == {k: k for k in keys}
+        assert exactly_one_copy(nodes, keys)
+        # every node agrees on the hop counts the graph implies
+        for n in nodes:
+            view = {e["id"]: e["hops"] for e in (await n.nodes())["nodes"]}
+            assert view == bfs_hops(n.node_id, edges)
+    finally:
+        await stop_all(nodes)
+
+
+def bfs_hops(start: str, edges) -> dict[str, int]:
+    from collections import deque
+
+    adjacent: dict[str, set] = {}
+    for a, b in edges:
+        adjacent.setdefault(f"n{a}", set()).add(f"n{b}")
+        adjacent.setdefault(f"n{b}", set()).add(f"n{a}")
+    hops, queue = {start: 0}, deque([start])
+    while queue:
+        u = queue.popleft()
+        for v in adjacent.get(u, ()):
+            if v not in hops:
+                hops[v] = hops[u] + 1
+                queue.append(v)
+    return hops
