@@ -66,8 +66,7 @@ class FrameHandler:
             if spent > budget:
                 replies[i] = error_reply(reply.get("id"), TooLarge(
                     f"the reply would take more than {budget} bytes; ask for less at once"
-                ))
-                spent = budget  # the replies after this one still get their error
+                ))  # and so does every reply after it: spent stays over budget
 
     def _handle_one(self, obj: Any) -> dict | Deferred:
         try:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
-from swarm.errors import InternalError, SwarmError, Timeout
+from swarm.errors import InternalError, Timeout
 from swarm.links import PeerLink
 from swarm.logs import logger
 from swarm.membership import Announcement, Membership
@@ -152,14 +152,13 @@ class Overlay:
     def receive_request(self, link: PeerLink, msg: dict) -> None:
         rid, request = msg["rid"], msg["req"]
         timeout = msg["ms"] / 1000.0
-        try:
-            if timeout <= 0:
-                raise Timeout("the request's deadline passed on the way")
+        if timeout <= 0:
+            error = Timeout("the request's deadline passed on the way")
+            reply = succeed(error_reply(request.get("id"), error))
+        else:
             reply = maybeDeferred(
                 self.handle_request, request, timeout, msg["hops"], msg.get("to")
             )
-        except SwarmError as e:
-            reply = maybeDeferred(error_reply, request.get("id"), e)
 
         def failed(failure) -> dict:
             _log.failure("forwarded request failed", failure)

@@ -97,19 +97,17 @@ class Rebalancer:
             if not reply.get("ok"):
                 _log.warn("handing {n} entries to {owner} failed: {error}",
                           n=len(entries), owner=owner, error=reply.get("error"))
-                return 0
+                return 0  # kept here; the next run tries again
             for key, value, _ in entries:
                 self.store.discard(key, value)  # unless rewritten meanwhile
             self.moved += len(entries)
             _log.debug("handed {n} entries to {owner}", n=len(entries), owner=owner)
             return len(entries)
 
-        def failed(failure) -> int:
-            _log.warn("handing {n} entries to {owner} failed: {error}",
-                      n=len(entries), owner=owner, error=failure.getErrorMessage())
-            return 0
+        def as_reply(failure) -> dict:
+            return {"ok": False, "error": failure.getErrorMessage()}
 
-        return maybeDeferred(self._send, owner, request).addCallbacks(done, failed)
+        return maybeDeferred(self._send, owner, request).addErrback(as_reply).addCallback(done)
 
     def stop(self) -> None:
         """No more scheduled runs (a run under way finishes)."""

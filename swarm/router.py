@@ -124,7 +124,7 @@ class QueryRouter:
             if to is not None:  # addressed: run there, whoever owns the key
                 if to != self.node_id:
                     return self._forward(to, request, timeout, hops, addressed=True)
-                return ok_reply(rid, self.commands.execute(request))
+                return self._run_local(request)
             if op in ("mget", "mset"):
                 return self._fan_out(request, timeout, hops)
             owner = self.placement.primary(request["key"])
@@ -191,13 +191,12 @@ class QueryRouter:
     def _execute_owned(self, request: dict, keys) -> dict | Deferred:
         """Run a request on keys this node owns, first taking any of them that the
         previous owner may still hold (plain ``set`` and ``mset`` need nothing old)."""
-        rid = request["id"]
         plain_write = request["op"] == "mset" or (
             request["op"] == "set" and not (request.get("nx") or request.get("xx"))
         )
         by_owner = {} if plain_write else self._still_elsewhere(keys)
         if not by_owner:
-            return ok_reply(rid, self.commands.execute(request))
+            return self._run_local(request)
         takes = [
             self.send_to(prev, {"id": 0, "op": "take", "keys": ks})
             for prev, ks in by_owner.items()
@@ -215,6 +214,7 @@ class QueryRouter:
         return gatherResults(takes).addCallback(store_then_run)
 
     def _run_local(self, request: dict) -> dict:
+        """Run ``request`` on this node's store: its ok or error reply."""
         rid = request["id"]
         try:
             return ok_reply(rid, self.commands.execute(request))

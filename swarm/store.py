@@ -176,9 +176,7 @@ class MemoryStore:
         entry = self._live(key)
         if entry is None:
             return False, None
-        if entry.expires_at is None:
-            return True, None
-        return True, entry.expires_at - self._clock.seconds()
+        return True, self._left(entry, self._clock.seconds())
 
     # -- writes ---------------------------------------------------------------------
 
@@ -233,6 +231,11 @@ class MemoryStore:
         return True
 
     # -- bookkeeping ----------------------------------------------------------------
+
+    @staticmethod
+    def _left(entry: _Entry, now: float) -> float | None:
+        """Seconds until ``entry`` expires, or None when it does not."""
+        return None if entry.expires_at is None else entry.expires_at - now
 
     def _deadline(self, ttl: float | None) -> float | None:
         return None if ttl is None else self._clock.seconds() + ttl
@@ -301,11 +304,9 @@ class MemoryStore:
             entry = self._entries.get(key)
             if entry is None:
                 continue
-            now = self._clock.seconds()
-            if entry.expires_at is None:
-                yield key, entry.value, None
-            elif entry.expires_at > now:
-                yield key, entry.value, entry.expires_at - now
+            left = self._left(entry, self._clock.seconds())
+            if left is None or left > 0:
+                yield key, entry.value, left
 
     def discard(self, key: str, value: Any) -> bool:
         entry = self._entries.get(key)
@@ -320,8 +321,7 @@ class MemoryStore:
         for key in keys:
             entry = self._live(key)
             if entry is not None:
-                ttl = None if entry.expires_at is None else entry.expires_at - now
-                taken.append([key, entry.value, ttl])
+                taken.append([key, entry.value, self._left(entry, now)])
                 self._remove(key, entry)
         return taken
 

@@ -54,7 +54,7 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not a JSON number")
 
 
-#: A decoded CBOR frame may weigh (by :func:`expanded_size`) at most this many times its
+#: A decoded CBOR frame may weigh (by :func:`weigh`) at most this many times its
 #: encoded bytes, plus EXPANSION_SLACK. Plain CBOR stays well under it (a small integer
 #: takes 1 byte and weighs 8); only shared references (tags 28/29) and string
 #: references (tags 25/256) can go beyond.
@@ -84,6 +84,9 @@ def check_expansion(obj: Any, budget: int) -> None:
 
 def weigh(obj: Any, budget: int, refuse_shared: bool = False) -> int:
     """About how many bytes ``obj`` takes: 8 per element plus the length of strings.
+
+    A fast bound for frames and replies; what the store charges is
+    :func:`swarm.store.measure`.
 
     Stops as soon as the weight passes ``budget`` (and returns it), so the walk costs
     O(budget / 8) however the object is built.
@@ -174,18 +177,13 @@ def request_id(obj: Any) -> Any:
 
 
 def _valid_id(rid: Any) -> bool:
-    if isinstance(rid, str):
-        return rid.isascii() or _encodable(rid)
+    if isinstance(rid, str):  # lone surrogates (JSON's "\\ud800"): no reply holds them
+        try:
+            utf8_size(rid)
+        except BadRequest:
+            return False
+        return True
     return isinstance(rid, int) and not isinstance(rid, bool)
-
-
-def _encodable(s: str) -> bool:
-    """False for strings with lone surrogates (JSON's "\\ud800"): no reply can hold them."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def utf8_size(s: str) -> int:
@@ -201,7 +199,7 @@ def utf8_size(s: str) -> int:
 # -- argument validators ----------------------------------------------------------------
 
 
-def check_value(value: Any, max_depth: int, allow_bytes: bool = True) -> None:
+def check_value(value: Any, max_depth: int) -> None:
     """Raise :class:`BadRequest` unless ``value`` is plain data both encodings carry.
 
     Plain data: null, booleans, 64-bit integers, finite floats, valid Unicode strings,
@@ -223,7 +221,7 @@ def check_value(value: Any, max_depth: int, allow_bytes: bool = True) -> None:
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise BadRequest("values may not hold NaN or infinity")
-        elif isinstance(item, bytes) and allow_bytes:
+        elif isinstance(item, bytes):
             continue
         elif isinstance(item, (list, dict)):
             if depth > max_depth:

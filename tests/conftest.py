@@ -48,16 +48,22 @@ async def until(condition, timeout: float = 15.0, interval: float = 0.02, what: 
         await task.deferLater(reactor, interval, lambda: None)
 
 
+async def converged(nodes, count: int | None = None, what: str = "") -> None:
+    """Wait until every node of ``nodes`` sees ``count`` nodes (default: all of them)."""
+    count = len(nodes) if count is None else count
+    await until(
+        lambda: all(len(n.overlay.membership.reachable) == count for n in nodes),
+        what=what or f"{count} nodes to see each other",
+    )
+
+
 async def start_swarm(count: int, edges, **options) -> list[SwarmNode]:
     """``count`` nodes named n0.. where (a, b) in ``edges`` means na dials nb; waits
     until every node sees all the others."""
     nodes = [await start_node(node_id=f"n{i}", **options) for i in range(count)]
     for a, b in edges:
         nodes[a].add_peer(nodes[b].url)
-    await until(
-        lambda: all(len(n.overlay.membership.reachable) == count for n in nodes),
-        what=f"{count} nodes to see each other",
-    )
+    await converged(nodes)
     return nodes
 
 

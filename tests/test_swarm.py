@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import pytest_twisted
-from conftest import start_node, start_swarm, stop_all, until
+from conftest import converged, start_node, start_swarm, stop_all, until
 from twisted.internet.defer import Deferred
 
 from swarm.client import SwarmClient
@@ -77,7 +77,7 @@ async def test_seed_scenario_two_clients_two_nodes():
     n1 = await start_node(node_id="N1")
     n2 = await start_node(node_id="N2", peers=(n1.url,))
     try:
-        await until(lambda: len(n2.overlay.membership.reachable) == 2)
+        await converged([n1, n2])
         c1 = await SwarmClient.connect(n1.url)
         c2 = await SwarmClient.connect(n2.url)
         for i in range(20):
@@ -127,8 +127,7 @@ async def test_ring_reroutes_around_a_dead_node():
         for u in victim.upstreams:
             u.stopService()
         survivors = [nodes[0], nodes[2], nodes[3]]
-        await until(lambda: all(len(n.overlay.membership.reachable) == 3 for n in survivors),
-                    what="survivors to drop the dead node")
+        await converged(survivors, what="survivors to drop the dead node")
         assert all("n1" not in n.overlay.membership.reachable for n in survivors)
         # n0 and n2 were linked only through n1 and n3: traffic goes round via n3
         assert nodes[0].overlay.membership.hops["n2"] == 2
@@ -146,7 +145,7 @@ async def test_key_written_before_a_join_is_readable_after_it():
         await nodes[0].mset({k: i for i, k in enumerate(keys)})
         newcomer = await start_node(node_id="n3", peers=(nodes[2].url,))
         everyone = nodes + [newcomer]
-        await until(lambda: all(len(n.overlay.membership.reachable) == 4 for n in everyone))
+        await converged(everyone)
         # reads are right at once: the newcomer takes what the handoff has not brought
         for n in everyone:
             assert await n.mget(keys) == {k: i for i, k in enumerate(keys)}
@@ -169,7 +168,7 @@ async def test_graceful_leave_hands_keys_over():
         rest = nodes[1:]
         # n1 and n2 were linked only through n0: link them, and nothing is lost
         rest[0].add_peer(rest[1].url)
-        await until(lambda: all(len(n.overlay.membership.reachable) == 2 for n in rest))
+        await converged(rest)
         assert await rest[0].mget(keys) == {k: k for k in keys}
         assert exactly_one_copy(rest, keys)
     finally:
@@ -235,7 +234,7 @@ async def test_writes_during_a_graceful_leave_are_not_lost():
         await stayer.mset(during)
         await stopping
         rest = nodes[1:]
-        await until(lambda: all(len(n.overlay.membership.reachable) == 2 for n in rest))
+        await converged(rest)
         for n in rest:
             assert await n.mget(list(before) + list(during)) == {**before, **during}
         assert exactly_one_copy(rest, list(before) + list(during))
@@ -285,7 +284,7 @@ async def test_a_join_under_load_loses_no_write_and_serves_no_stale_read():
                             + [Deferred.fromCoroutine(join())])
         assert after_join == [150, 150, 150]  # every client kept going past the join
         everyone = nodes + [newcomer]
-        await until(lambda: all(len(n.overlay.membership.reachable) == 4 for n in everyone))
+        await converged(everyone)
         assert await newcomer.mget(list(expected)) == expected
         await until(lambda: exactly_one_copy(everyone, list(expected)),
                     what="handoffs to finish")
@@ -349,15 +348,13 @@ async def test_a_healed_partition_merges_views_and_data():
         cut = nodes[1].upstreams[0]  # n1 dials n2: the only link between the halves
         await cut.stopService()
         left, right = nodes[:2], nodes[2:]
-        await until(lambda: all(len(n.overlay.membership.reachable) == 2 for n in nodes),
-                    what="the halves to see only themselves")
+        await converged(nodes, 2, what="the halves to see only themselves")
         # each half goes on serving, with its own placement
         await left[0].mset({f"left{i}": i for i in range(100)})
         await right[1].mset({f"right{i}": i for i in range(100)})
         assert await right[0].get("left1") is None  # not visible across the cut
         cut.startService()  # heal
-        await until(lambda: all(len(n.overlay.membership.reachable) == 4 for n in nodes),
-                    what="the views to merge")
+        await converged(nodes, what="the views to merge")
         expected = {**{f"left{i}": i for i in range(100)},
                     **{f"right{i}": i for i in range(100)}}
         for n in nodes:
