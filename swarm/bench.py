@@ -36,8 +36,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater, react
 
 from swarm import logs
-from swarm.client import SwarmClient
-from swarm.service import SwarmNode
+from swarm.client.connection import SwarmClient
+from swarm.node.node import SwarmNode
 
 VALUE = "v" * 64
 KEYS_PER_OWNER = 1000

@@ -19,7 +19,7 @@ from typing import Any, Callable, NoReturn, TextIO
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from swarm.client import SwarmClient
+from swarm.client.connection import SwarmClient
 from swarm.errors import SwarmError, Unavailable
 
 DEFAULT_URL = "ws://127.0.0.1:8765"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from swarm.service import SwarmNode
+from swarm.node.node import SwarmNode
 
 
 def on_asyncio(coro, timeout: float = 60.0):
@@ -73,7 +73,7 @@ async def stop_all(nodes) -> None:
     await gatherResults([n.stopService() for n in nodes if n.running])
 
 
-# -- a store on a fake clock, for the unit tests of swarm.store and swarm.commands ------
+# -- a store on a fake clock, for the unit tests of swarm.store.memory and swarm.cluster.commands ------
 
 
 
@@ -88,6 +88,6 @@ def clock():
 @pytest.fixture
 def store(clock):
     """An empty MemoryStore with the default limits, on ``clock``."""
-    from swarm.store import MemoryStore
+    from swarm.store.memory import MemoryStore
 
     return MemoryStore(clock)

@@ -1,4 +1,4 @@
-"""Tests for swarm.client: the request tracker on a fake clock, then against a real node."""
+"""Tests for swarm.client.connection: the request tracker on a fake clock, then against a real node."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.defer import Deferred
 
 from swarm import errors
-from swarm.client import (
+from swarm.client.connection import (
     MAX_PAYLOAD,
     ConnectionClosed,
     RequestTracker,
     SwarmClient,
     endpoint_description,
 )
-from swarm.wire import decode_frame, encode_frame
+from swarm.protocol.wire import decode_frame, encode_frame
 
 # -- the logic object, no sockets --------------------------------------------------------
 
@@ -573,7 +573,7 @@ async def test_too_large_value_raises_and_the_connection_survives(client):
 
 @pytest_twisted.ensureDeferred
 async def test_the_client_accepts_large_replies():
-    from swarm.service import SwarmNode
+    from swarm.node.node import SwarmNode
 
     mib = 1024 * 1024
     big_node = SwarmNode(

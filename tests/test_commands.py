@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.commands import StoreCommands
+from swarm.cluster.commands import StoreCommands
 
 # The ``clock`` and ``store`` fixtures come from conftest.py.
 

@@ -11,7 +11,7 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 
 from swarm.errors import BadRequest
-from swarm.links import PeerLink
+from swarm.mesh.link import PeerLink
 
 
 def make_link():

@@ -1,7 +1,7 @@
-"""Unit and property tests of swarm.membership: link-state announcements and the view.
+"""Unit and property tests of swarm.mesh.membership: link-state announcements and the view.
 
 No sockets: :class:`Swarm` below holds one :class:`Membership` per node and carries the
-announcements between them the way :mod:`swarm.overlay` does. When a link comes up, each
+announcements between them the way :mod:`swarm.mesh.overlay` does. When a link comes up, each
 side sends its whole database to the other, then announces its new links to every
 neighbor; what ``set_links`` or ``receive`` returns is flooded to every neighbor except
 the one it came from (this node's own announcements go to that one too). Messages travel in order on each directed link (a WebSocket is a
@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarm.links import PeerLink
-from swarm.membership import Announcement, Membership
-from swarm.overlay import Overlay
+from swarm.mesh.link import PeerLink
+from swarm.mesh.membership import Announcement, Membership
+from swarm.mesh.overlay import Overlay
 
 INC = 1_000_000
 

@@ -1,12 +1,12 @@
-"""Unit tests of swarm.peer_wire: peer frames and the hello check."""
+"""Unit tests of swarm.mesh.peer_wire: peer frames and the hello check."""
 
 from __future__ import annotations
 
 import cbor2
 import pytest
 
-from swarm.membership import Announcement
-from swarm.peer_wire import (
+from swarm.mesh.membership import Announcement
+from swarm.mesh.peer_wire import (
     FRAME_TARGET,
     MAX_PEER_MESSAGE,
     PROTOCOL_VERSION,

@@ -1,4 +1,4 @@
-"""Unit and property tests of swarm.placement: partitions, rendezvous owners; no sockets.
+"""Unit and property tests of swarm.cluster.placement: partitions, rendezvous owners; no sockets.
 
 Statistical bounds: the new node's score beats the N others' in each partition
 independently with probability 1/(N+1), so the number of partitions whose primary moves
@@ -20,8 +20,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from swarm import placement as placement_module
-from swarm.placement import PARTITIONS, Placement, partition_of, score
+from swarm.cluster import placement as placement_module
+from swarm.cluster.placement import PARTITIONS, Placement, partition_of, score
 
 node_ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
 node_sets = st.sets(node_ids, min_size=1, max_size=40)

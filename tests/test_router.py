@@ -17,14 +17,14 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from swarm.commands import StoreCommands
-from swarm.links import PeerLink
-from swarm.membership import Announcement
-from swarm.overlay import Overlay
-from swarm.placement import Placement
-from swarm.rebalance import CHUNK, SETTLE, Rebalancer
-from swarm.router import MIGRATION_WINDOW, QueryRouter
-from swarm.store import MemoryStore
+from swarm.cluster.commands import StoreCommands
+from swarm.cluster.placement import Placement
+from swarm.cluster.rebalance import CHUNK, SETTLE, Rebalancer
+from swarm.cluster.router import MIGRATION_WINDOW, QueryRouter
+from swarm.mesh.link import PeerLink
+from swarm.mesh.membership import Announcement
+from swarm.mesh.overlay import Overlay
+from swarm.store.memory import MemoryStore
 
 INC = 1_000_000
 
@@ -724,7 +724,7 @@ def test_runs_end_to_end_through_the_real_run():
 
 
 def test_a_large_scan_yields_to_the_reactor_between_slices():
-    from swarm.rebalance import SCAN_SLICE
+    from swarm.cluster.rebalance import SCAN_SLICE
 
     h = Handoff()
     h.fill("b", 2 * SCAN_SLICE + 10)
@@ -739,7 +739,7 @@ def test_a_large_scan_yields_to_the_reactor_between_slices():
 
 
 def test_entries_removed_during_a_paused_scan_are_skipped():
-    from swarm.rebalance import SCAN_SLICE
+    from swarm.cluster.rebalance import SCAN_SLICE
 
     h = Handoff()
     keys = h.fill("b", SCAN_SLICE + 10)

@@ -14,7 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThread
 
 from swarm.errors import BadRequest, NotInteger, TooLarge
-from swarm.service import SwarmNode, endpoint_description
+from swarm.node.node import SwarmNode, endpoint_description
 
 
 async def http_get(url: str) -> tuple[int, bytes]:
@@ -116,8 +116,8 @@ async def test_health_turns_503_as_soon_as_the_node_stops():
 
 @pytest_twisted.ensureDeferred
 async def test_replies_past_the_reply_budget_are_too_large_and_the_rest_arrive():
-    from swarm.client import SwarmClient
-    from swarm.wire import Limits
+    from swarm.client.connection import SwarmClient
+    from swarm.protocol.wire import Limits
 
     n = await start_node(limits=Limits(max_reply_bytes=100_000))
     client = await SwarmClient.connect(n.url)

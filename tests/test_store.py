@@ -1,4 +1,4 @@
-"""Unit tests of swarm.store: TTL, LRU eviction, accounting, sweep, stats; no sockets.
+"""Unit tests of swarm.store.memory: TTL, LRU eviction, accounting, sweep, stats; no sockets.
 
 Time comes from ``task.Clock``, so every expiry is exact and nothing sleeps.
 """
@@ -22,8 +22,8 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from swarm.errors import NotInteger, TooLarge
-from swarm.store import ENTRY_OVERHEAD, SCALAR_SIZE, IStore, MemoryStore, measure
-from swarm.wire import INT64_MAX, INT64_MIN
+from swarm.protocol.wire import INT64_MAX, INT64_MIN
+from swarm.store.memory import ENTRY_OVERHEAD, SCALAR_SIZE, IStore, MemoryStore, measure
 
 
 def entry_size(key, value):

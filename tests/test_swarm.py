@@ -9,7 +9,7 @@ import pytest_twisted
 from conftest import converged, start_node, start_swarm, stop_all, until
 from twisted.internet.defer import Deferred
 
-from swarm.client import SwarmClient
+from swarm.client.connection import SwarmClient
 from swarm.errors import Unavailable
 
 LINE5 = [(i, i + 1) for i in range(4)]
@@ -184,7 +184,7 @@ async def test_unreachable_owner_is_unavailable_not_a_hang():
         for link in list(n0.peer_factory.connections):
             link.transport.abortConnection()
         await until(lambda: n0.overlay.membership.reachable == {"n0"})
-        from swarm.placement import Placement
+        from swarm.cluster.placement import Placement
 
         n0.router.placement = Placement(["n1"], 1)
         with pytest.raises(Unavailable):
@@ -296,7 +296,7 @@ async def test_a_join_under_load_loses_no_write_and_serves_no_stale_read():
 @pytest_twisted.ensureDeferred
 async def test_two_nodes_with_one_id_do_not_flood_forever():
     """A copy-pasted --node-id: both ends correct the other a few times, then stop."""
-    from swarm.membership import MAX_SELF_CORRECTIONS
+    from swarm.mesh.membership import MAX_SELF_CORRECTIONS
 
     hub = await start_node(node_id="hub")
     twin1 = await start_node(node_id="twin", peers=(hub.url,))
@@ -323,7 +323,7 @@ async def test_two_nodes_with_one_id_do_not_flood_forever():
 async def test_disagreeing_views_end_at_the_hop_limit_and_leak_nothing():
     """n0 believes n1 owns every key and n1 believes n0 does: the request bounces
     until its hop limit, then the client gets unavailable, and no Deferred is left."""
-    from swarm.placement import Placement
+    from swarm.cluster.placement import Placement
 
     nodes = await start_swarm(2, [(1, 0)])
     try:

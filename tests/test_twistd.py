@@ -69,7 +69,7 @@ async def ws_call(ws, request: dict, cbor: bool) -> dict:
 def _swarm_client():
     """swarm.client.SwarmClient when it is there and has ``connect``, else None."""
     try:
-        from swarm.client import SwarmClient
+        from swarm.client.connection import SwarmClient
     except ImportError:
         return None
     return SwarmClient if callable(getattr(SwarmClient, "connect", None)) else None

@@ -22,7 +22,7 @@ import pytest_twisted
 from twistd_support import Twistd, eventually, free_port, start_node
 from twisted.internet.defer import Deferred
 
-from swarm.client import SwarmClient
+from swarm.client.connection import SwarmClient
 from swarm.errors import Unavailable
 
 VIEW_DEADLINE = 15.0  # a fresh swarm agrees on its view

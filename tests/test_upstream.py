@@ -1,4 +1,4 @@
-"""Unit tests of swarm.upstream: the retry policy and peer URLs; no sockets."""
+"""Unit tests of swarm.mesh.dialer: the retry policy and peer URLs; no sockets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from swarm.upstream import RetryPolicy, Upstream, peer_endpoint_description
+from swarm.mesh.dialer import RetryPolicy, Upstream, peer_endpoint_description
 
 TOP = lambda: 1.0  # noqa: E731  the jitter at its ceiling
 BOTTOM = lambda: 0.0  # noqa: E731  the jitter at its floor

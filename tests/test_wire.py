@@ -1,4 +1,4 @@
-"""Unit tests of swarm.wire and swarm.errors: decoding, validation, encoding; no sockets."""
+"""Unit tests of swarm.protocol.wire and swarm.errors: decoding, validation, encoding; no sockets."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from swarm.errors import (
     UnknownOp,
     error_from_wire,
 )
-from swarm.wire import (
+from swarm.protocol.wire import (
     INT64_MAX,
     INT64_MIN,
     MAX_TTL,

@@ -1,5 +1,5 @@
 from twisted.application.service import ServiceMaker
 
 swarmcache = ServiceMaker(
-    "swarmcache", "swarm.tap", "A swarm of WebSocket cache nodes", "swarmcache"
+    "swarmcache", "swarm.node.tap", "A swarm of WebSocket cache nodes", "swarmcache"
 )

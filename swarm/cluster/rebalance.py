@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 
+from swarm.cluster.placement import Placement
 from swarm.logs import logger
-from swarm.placement import Placement
-from swarm.store import IStore, measure
+from swarm.store.memory import IStore, measure
 
 _log = logger(__name__)
 

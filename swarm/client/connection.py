@@ -28,10 +28,10 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from swarm.api import CacheOps
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.logs import logger
-from swarm.wire import decode_frame, encode_frame
+from swarm.protocol.api import CacheOps
+from swarm.protocol.wire import decode_frame, encode_frame
 
 _log = logger(__name__)
 

@@ -17,11 +17,11 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
-from swarm.client import endpoint_description
-from swarm.links import PeerLink
+from swarm.client.connection import endpoint_description
 from swarm.logs import logger
-from swarm.overlay import Overlay
-from swarm.peer_protocol import PeerClientFactory
+from swarm.mesh.link import PeerLink
+from swarm.mesh.overlay import Overlay
+from swarm.mesh.protocol import PeerClientFactory
 
 _log = logger(__name__)
 

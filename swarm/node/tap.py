@@ -9,7 +9,8 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from swarm import logs
-from swarm.service import (
+from swarm.mesh.dialer import peer_endpoint_description
+from swarm.node.node import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_VALUE_SIZE,
@@ -19,7 +20,6 @@ from swarm.service import (
     SwarmNode,
     endpoint_description,
 )
-from swarm.upstream import peer_endpoint_description
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
           "g": 1024**3, "gb": 1024**3}

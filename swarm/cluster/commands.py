@@ -1,6 +1,6 @@
 """Key commands executed against this node's :class:`~swarm.store.IStore`.
 
-Requests arrive here already validated by :mod:`swarm.wire`; each ``handle_<op>`` maps
+Requests arrive here already validated by :mod:`swarm.protocol.wire`; each ``handle_<op>`` maps
 one op onto the store and returns the op's results. ``ttl`` absent from a write means the
 node's default ttl; an explicit null means the entry never expires.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from swarm.store import IStore
+from swarm.store.memory import IStore
 
 
 class StoreCommands:

@@ -18,12 +18,12 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 
-from swarm.client_protocol import ConnectionTracker
+from swarm.connections import ConnectionTracker
 from swarm.errors import TooLarge
-from swarm.links import PeerLink
 from swarm.logs import logger
-from swarm.overlay import Overlay
-from swarm.peer_wire import (
+from swarm.mesh.link import PeerLink
+from swarm.mesh.overlay import Overlay
+from swarm.mesh.peer_wire import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REFUSED,
     MAX_PEER_MESSAGE,
@@ -33,7 +33,7 @@ from swarm.peer_wire import (
     encode_message,
     frames_of,
 )
-from swarm.wire import error_reply
+from swarm.protocol.wire import error_reply
 
 _log = logger(__name__)
 

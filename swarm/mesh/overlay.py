@@ -18,11 +18,11 @@ from typing import Callable
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from swarm.errors import InternalError, Timeout
-from swarm.links import PeerLink
 from swarm.logs import logger
-from swarm.membership import Announcement, Membership
-from swarm.peer_wire import hello
-from swarm.wire import error_reply
+from swarm.mesh.link import PeerLink
+from swarm.mesh.membership import Announcement, Membership
+from swarm.mesh.peer_wire import hello
+from swarm.protocol.wire import error_reply
 
 _log = logger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 
-from swarm.commands import StoreCommands
+from swarm.cluster.commands import StoreCommands
+from swarm.cluster.placement import Placement
 from swarm.errors import InternalError, SwarmError, Unavailable, error_from_wire
 from swarm.logs import logger
-from swarm.overlay import Overlay
-from swarm.placement import Placement
-from swarm.wire import RequestParser, error_reply, ok_reply
+from swarm.mesh.overlay import Overlay
+from swarm.protocol.wire import RequestParser, error_reply, ok_reply
 
 _log = logger(__name__)
 

@@ -12,10 +12,11 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, gatherResults
 
+from swarm.cluster.router import QueryRouter
+from swarm.connections import ConnectionTracker
 from swarm.errors import InternalError, SwarmError, TooLarge
 from swarm.logs import logger
-from swarm.router import QueryRouter
-from swarm.wire import (
+from swarm.protocol.wire import (
     RequestParser,
     decode_frame,
     encode_frame,
@@ -117,32 +118,6 @@ class ClientProtocol(WebSocketServerProtocol):
         _log.debug(
             "client {peer} disconnected ({code})", peer=self.peer, code=code
         )
-
-
-class ConnectionTracker:
-    """Knows a factory's open connections, so a stopping node can close them all."""
-
-    def __init__(self) -> None:
-        self.connections: set = set()
-        self._waiting: list[Deferred] = []
-
-    def opened(self, protocol) -> None:
-        self.connections.add(protocol)
-
-    def closed(self, protocol) -> None:
-        self.connections.discard(protocol)
-        if not self.connections:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
-
-    def when_all_closed(self) -> Deferred:
-        d: Deferred = Deferred()
-        if self.connections:
-            self._waiting.append(d)
-        else:
-            d.callback(None)
-        return d
 
 
 class ClientFactory(WebSocketServerFactory, ConnectionTracker):

@@ -15,7 +15,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
 
 from swarm.errors import SwarmError, Timeout, Unavailable
-from swarm.wire import error_reply
+from swarm.protocol.wire import error_reply
 
 
 class PeerLink:

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 
 import cbor2
 
-from swarm.membership import Announcement
-from swarm.wire import decode_cbor
+from swarm.mesh.membership import Announcement
+from swarm.protocol.wire import decode_cbor
 
 PROTOCOL_VERSION = 1
 

@@ -32,7 +32,7 @@ PARTITIONS = 4096
 
 # Score rows are assembled from 8-byte words; "Q" is 8 bytes on every CPython platform.
 if array("Q").itemsize != 8:  # pragma: no cover
-    raise ImportError("swarm.placement needs 8-byte array('Q') items")
+    raise ImportError("swarm.cluster.placement needs 8-byte array('Q') items")
 
 
 def _utf8(s: str) -> bytes:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from zope.interface import Interface, implementer
 
 from swarm.errors import NotInteger, TooLarge
-from swarm.wire import INT64_MAX, INT64_MIN, utf8_size
+from swarm.protocol.wire import INT64_MAX, INT64_MIN, utf8_size
 
 #: Fixed cost charged per entry for the bookkeeping around key and value.
 ENTRY_OVERHEAD = 64

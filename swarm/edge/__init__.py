@@ -1,0 +1,1 @@
+"""What clients meet: the client WebSocket protocol and the node's HTTP pages."""

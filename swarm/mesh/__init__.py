@@ -1,0 +1,1 @@
+"""The peer links between nodes: handshake, membership, forwarding and dialling."""

@@ -1,0 +1,1 @@
+"""One node put together: its services, its options and the twistd plugin's maker."""

@@ -1,0 +1,339 @@
+"""SwarmNode: one cache node as a Twisted MultiService, and its embedding API.
+
+A node owns its store and query router and listens with one twisted.web Site (clients
+at ``/``, peers at ``/peer``, ``GET /health``). It runs under twistd (see
+:mod:`swarm.node.tap`) or inside an existing Twisted application::
+
+    node = SwarmNode("tcp:0:interface=127.0.0.1")
+    node.setServiceParent(application)
+    d = node.set("greeting", "hello")    # Deferred, like swarm.client.SwarmClient
+
+The embedding methods run through the same validation and router as network requests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.task import deferLater
+
+import swarm
+from swarm.cluster.commands import StoreCommands
+from swarm.cluster.placement import Placement
+from swarm.cluster.rebalance import Rebalancer
+from swarm.cluster.router import DEFAULT_REQUEST_TIMEOUT, QueryRouter
+from swarm.edge.protocol import ClientFactory, FrameHandler
+from swarm.edge.web import build_site
+from swarm.errors import SwarmError, error_from_wire
+from swarm.logs import logger
+from swarm.mesh.dialer import Upstream
+from swarm.mesh.overlay import Overlay
+from swarm.mesh.protocol import PeerServerFactory
+from swarm.protocol.api import CacheOps
+from swarm.protocol.wire import Limits, RequestParser
+from swarm.store.memory import IStore, MemoryStore
+
+_log = logger(__name__)
+
+DEFAULT_PORT = "tcp:8765:interface=127.0.0.1"
+DEFAULT_MAX_MEMORY = 128 * 1024 * 1024
+DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: How often the store's active expiry runs, and how much it may do per run.
+SWEEP_INTERVAL = 0.1
+SWEEP_LIMIT = 500
+#: How long a stopping node waits for clients to acknowledge its close.
+CLOSE_GRACE = 2.0
+#: How long a stopping node may spend handing its entries to their next owners.
+HANDOFF_GRACE = 5.0
+DEFAULT_SWARM = "swarmcache"
+#: Peer links are pinged this often; a peer silent for interval + timeout is dropped.
+DEFAULT_PING_INTERVAL = 1.0
+DEFAULT_PING_TIMEOUT = 2.0
+
+
+def endpoint_description(port: str | int) -> str:
+    """A bare port number listens on loopback only, like the default; say
+    ``tcp:PORT`` to listen on every interface."""
+    text = str(port).strip()
+    return f"tcp:{text}:interface=127.0.0.1" if text.isdigit() else text
+
+
+def _endpoint(reactor, port: str | int | IStreamServerEndpoint) -> IStreamServerEndpoint:
+    if isinstance(port, (str, int)):
+        return serverFromString(reactor, endpoint_description(port))
+    return port
+
+
+def new_node_id() -> str:
+    return "node-" + os.urandom(4).hex()
+
+
+def _observe(d: Deferred) -> Deferred:
+    """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched."""
+    observer: Deferred = Deferred()
+
+    def relay(result):
+        observer.callback(result)
+        return result
+
+    d.addBoth(relay)
+    return observer
+
+
+class _Listener(Service):
+    """Listens on the node's endpoint; on stop, closes the port and every connection."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, site, factories, clock) -> None:
+        self.endpoint = endpoint
+        self.site = site
+        self.factories = factories
+        self.clock = clock
+        self.port: IListeningPort | None = None
+        self.listening: Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        # Listen here, before twistd drops privileges and starts the reactor, so a
+        # port already in use fails the start at once with CannotListenError.
+        super().privilegedStartService()
+        self.listening = self.endpoint.listen(self.site)
+        failed = []
+        self.listening.addCallbacks(self._listened, failed.append)
+        if failed:
+            failed[0].raiseException()
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        _log.info("listening on {address}", address=port.getHost())
+        return port
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port, self.listening = self.port, None, None
+        stopped = maybeDeferred(port.stopListening) if port else succeed(None)
+        return DeferredList([stopped, self._close_connections()])
+
+    def _close_connections(self) -> Deferred:
+        protocols = [p for f in self.factories for p in list(f.connections)]
+        for p in protocols:
+            # 1001 "going away" (Autobahn's sendClose only allows 1000 and 3000+).
+            p.sendCloseFrame(code=1001, reasonUtf8=b"node shutting down")
+        closed = DeferredList([f.when_all_closed() for f in self.factories])
+
+        def abort_stragglers() -> None:
+            for p in protocols:
+                if p.transport is not None:
+                    p.transport.abortConnection()
+
+        timer = self.clock.callLater(CLOSE_GRACE, abort_stragglers)
+        closed.addBoth(lambda r: timer.active() and timer.cancel())
+        return closed
+
+
+class SwarmNode(MultiService, CacheOps):
+    """A swarmcache node. Give it a parent service, or run it under twistd."""
+
+    def __init__(
+        self,
+        port: str | int | IStreamServerEndpoint = DEFAULT_PORT,
+        *,
+        reactor: Any = None,
+        node_id: str | None = None,
+        swarm: str = DEFAULT_SWARM,
+        peers: tuple[str, ...] = (),
+        peer_port: str | int | IStreamServerEndpoint | None = None,
+        replicas: int = 1,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        default_ttl: float | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+        ping_timeout: float = DEFAULT_PING_TIMEOUT,
+        limits: Limits = Limits(),
+        store: IStore | None = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.node_id = node_id or new_node_id()
+        self.replicas = replicas
+        self.store = store if store is not None else MemoryStore(
+            reactor, max_memory=max_memory, max_value_bytes=max_value_size
+        )
+        self.parser = RequestParser(limits)
+        self.overlay = Overlay(
+            self.node_id, swarm, int(reactor.seconds() * 1000), reactor,
+            on_view_change=self._view_changed,
+        )
+        self.router = QueryRouter(
+            self.node_id, StoreCommands(self.store, default_ttl), self._stats,
+            self.overlay, replicas=replicas, request_timeout=request_timeout,
+        )
+        self.rebalancer = Rebalancer(
+            self.node_id, self.store, lambda: self.router.placement,
+            self.router.send_to, reactor,
+        )
+        self.client_factory = ClientFactory(
+            FrameHandler(self.parser, self.router), max_message_size
+        )
+        self.peer_factory = PeerServerFactory(self.overlay, ping_interval, ping_timeout)
+        peer_resource = WebSocketResource(self.peer_factory)
+        factories: list = [self.client_factory, self.peer_factory]
+        self._ping = (ping_interval, ping_timeout)
+        self.upstreams: list[Upstream] = []
+        # With a peer port, peers use only that one: the client port can face users
+        # while the peer port stays behind a firewall.
+        self._listener = _Listener(
+            _endpoint(reactor, port),
+            build_site(
+                self.client_factory, None if peer_port else peer_resource, self._health
+            ),
+            factories, reactor,
+        )
+        self._listener.setServiceParent(self)
+        self._peer_listener = self._listener
+        if peer_port is not None:
+            self._peer_listener = _Listener(
+                _endpoint(reactor, peer_port),
+                build_site(None, peer_resource, self._health), [], reactor,
+            )
+            self._peer_listener.setServiceParent(self)
+        for url in peers:
+            self.add_peer(url)
+        sweeper = TimerService(SWEEP_INTERVAL, self.store.sweep, SWEEP_LIMIT)
+        sweeper.clock = reactor
+        sweeper.setServiceParent(self)
+        self._started_at: float | None = None
+        self._stopping = False
+
+    def add_peer(self, url: str) -> Upstream:
+        """Keep a link to the node at ``url`` (ws://host:port), from now on."""
+        upstream = Upstream(url, self.overlay, self.reactor, *self._ping)
+        self.upstreams.append(upstream)
+        self._listener.factories.append(upstream.factory)
+        upstream.setServiceParent(self)
+        return upstream
+
+    def _view_changed(self) -> None:
+        self.router.view_changed()
+        membership = self.overlay.membership
+        _log.info(
+            "view of {node}: nodes reachable {count}, holding keys {owners}",
+            node=self.node_id, count=len(membership.reachable),
+            owners=len(membership.owners),
+        )
+        self.rebalancer.schedule()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        self._started_at = self.reactor.seconds()
+        self._stopping = False
+        self.overlay.leave(False)  # started again after a stop: an owner once more
+        super().startService()
+        _log.info(
+            "swarmcache {version} node {node} started", version=swarm.__version__,
+            node=self.node_id,
+        )
+
+    def stopService(self) -> Deferred:
+        """Hand this node's entries to their next owners, then close everything."""
+        _log.info("node {node} stopping", node=self.node_id)
+        self._stopping = True
+        # First leave placement everywhere (new writes go to the next owners), then
+        # hand over: the announcement travels ahead of the handoff on every path.
+        self.overlay.leave()
+        self.rebalancer.stop()
+        others = self.overlay.membership.owners - {self.node_id}
+        if others:
+            handoff = self.rebalancer.run(Placement(others, self.replicas))
+            handoff.addTimeout(HANDOFF_GRACE, self.reactor)
+            handoff.addErrback(
+                lambda f: _log.warn("handoff incomplete: {e}", e=f.getErrorMessage())
+            )
+        else:
+            handoff = succeed(None)
+        handoff.addCallback(
+            lambda _: Deferred.fromCoroutine(
+                self._drain(self.reactor.seconds() + HANDOFF_GRACE)
+            )
+        )
+        return handoff.addCallback(lambda _: MultiService.stopService(self))
+
+    async def _drain(self, deadline: float) -> None:
+        """Let requests already travelling through this node finish (until deadline)."""
+        while self.overlay.busy and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.01, lambda: None)
+
+    def when_listening(self) -> Deferred:
+        """Fires with the IListeningPort once the node listens (start it first)."""
+        if self._listener.port is not None:
+            return succeed(self._listener.port)
+        if self._listener.listening is None:
+            raise RuntimeError("the node is not started")
+        return _observe(self._listener.listening)
+
+    @property
+    def url(self) -> str:
+        """ws:// URL of the client endpoint (TCP listeners only)."""
+        return _ws_url(self._listener)
+
+    @property
+    def peer_url(self) -> str:
+        """ws:// URL other nodes dial (``--peer``) to link to this one."""
+        return _ws_url(self._peer_listener)
+
+    # -- embedding API ----------------------------------------------------------------
+
+    def request(self, op: str, **args: Any) -> Deferred:
+        """Run one op in-process, validated and routed as if it came from a client."""
+        try:
+            req = self.parser.parse({"id": 0, "op": op, **args})
+        except SwarmError as e:
+            return fail(e)
+        return maybeDeferred(self.router.handle, req).addCallback(_results)
+
+    # -- reports ----------------------------------------------------------------------
+
+    def _stats(self) -> dict:
+        stats = {"node": self.node_id, "version": swarm.__version__}
+        stats.update(self.store.stats())
+        stats["uptime_s"] = round(self.reactor.seconds() - (self._started_at or 0), 3)
+        stats["peers"] = len(self.overlay.neighbors)
+        stats["peer_links"] = self.overlay.link_count()  # spares included
+        stats["swarm_nodes"] = len(self.overlay.membership.reachable)
+        stats["connections"] = len(self.client_factory.connections)
+        return stats
+
+    def _health(self) -> tuple[bool, dict]:
+        serving = bool(self.running) and not self._stopping and self._listener.port is not None
+        return serving, {
+            "status": "ok" if serving else "stopping",
+            "node": self.node_id,
+            "version": swarm.__version__,
+        }
+
+
+def _ws_url(listener: _Listener) -> str:
+    host = listener.port.getHost()
+    return f"ws://{host.host}:{host.port}"
+
+
+def _results(reply: dict) -> dict:
+    if reply["ok"]:
+        return reply
+    raise error_from_wire(reply["error"])
