@@ -24,6 +24,7 @@ from swarm.cluster.router import MIGRATION_WINDOW, QueryRouter
 from swarm.mesh.link import PeerLink
 from swarm.mesh.membership import Announcement
 from swarm.mesh.overlay import Overlay
+from swarm.protocol.entry import Entry
 from swarm.store.memory import MemoryStore
 
 INC = 1_000_000
@@ -41,6 +42,11 @@ def result_of(d):
 
 def ok(rid=1, **results):
     return dict({"id": rid, "ok": True}, **results)
+
+
+def wire(key, value, ttl=None, version=(1, 0, "b"), deleted=False):
+    """An entry as a take or restore carries it (an old version unless given)."""
+    return Entry(key, value, ttl, version, deleted).to_wire()
 
 
 def err(rid=1, code="unavailable"):
@@ -359,12 +365,13 @@ def test_forwarded_requests_may_carry_internal_ops():
     node = Node()
     (ka,) = keys_of("a", node.placement)
     node.store.set(ka, "v", None)
+    (held,) = node.store.entries()
     assert node.router.route_forwarded(
         {"id": 0, "op": "take", "keys": [ka, "absent"]}, 3, 5, "a") == ok(
-        0, entries=[[ka, "v", None]])
+        0, entries=[held.to_wire()])
     assert not node.store.exists(ka)
     assert node.router.route_forwarded(
-        {"id": 0, "op": "restore", "entries": [[ka, "w", None]]}, 3, 5, "a") == ok(
+        {"id": 0, "op": "restore", "entries": [wire(ka, "w")]}, 3, 5, "a") == ok(
         0, stored=1)
     # and the ones a client may send are routed on as usual
     (kb,) = keys_of("b", node.placement)
@@ -431,7 +438,7 @@ def test_right_after_a_view_change_a_missing_owned_key_is_taken_from_its_previou
         (take,) = node.forwarded
         assert (take.node, take.addressed) == (prev, True)
         assert take.request == {"id": 0, "op": "take", "keys": [key]}
-        take.reply.callback(ok(0, entries=[[key, {"moved": prev}, 30.0]]))
+        take.reply.callback(ok(0, entries=[wire(key, {"moved": prev}, 30.0)]))
         assert result_of(d) == ok(3, found=True, value={"moved": prev})
         assert node.store.get(key) == (True, {"moved": prev})
         assert node.store.ttl(key)[1] == pytest.approx(30.0)
@@ -444,9 +451,9 @@ def test_a_take_groups_keys_by_previous_owner_for_a_multi_key_read():
     node.store.set(from_b[1], "already here", None)
     d = node.router.route({"id": 4, "op": "mget", "keys": from_b + from_c}, 3, 5)
     takes = {call.node: call for call in node.forwarded}
-    assert takes["b"].request["keys"] == [from_b[0]]  # the one present is not taken
+    assert takes["b"].request["keys"] == from_b  # the one present too: b's may be newer
     assert takes["c"].request["keys"] == from_c
-    takes["b"].reply.callback(ok(0, entries=[[from_b[0], "B", None]]))
+    takes["b"].reply.callback(ok(0, entries=[wire(from_b[0], "B")]))
     takes["c"].reply.callback(err(0))  # the previous owner could not answer
     assert result_of(d) == ok(4, values={from_b[0]: "B", from_b[1]: "already here"})
 
@@ -458,7 +465,7 @@ def test_a_taken_entry_never_overwrites_a_newer_local_one():
                           3, 5)
     (take,) = node.forwarded
     node.store.set(key, "newer", None)  # written here while the take was on the way
-    take.reply.callback(ok(0, entries=[[key, "old", None]]))
+    take.reply.callback(ok(0, entries=[wire(key, "old")]))
     assert result_of(d) == ok(stored=False)
     assert node.store.get(key) == (True, "newer")
 
@@ -483,13 +490,29 @@ def test_a_plain_set_does_not_take_but_other_ops_on_missing_keys_do():
     d = node.router.route({"id": 3, "op": "delete", "key": keys[2]}, 3, 5)
     (take,) = node.forwarded
     assert take.request["keys"] == [keys[2]]
-    take.reply.callback(ok(0, entries=[[keys[2], "x", None]]))
+    take.reply.callback(ok(0, entries=[wire(keys[2], "x")]))
     assert result_of(d) == ok(3, deleted=True)  # the old copy cannot come back later
 
 
-def test_no_take_for_a_key_already_here():
+def test_a_key_already_here_is_still_taken_and_the_newer_copy_wins():
+    """This node may have been cut off or frozen while the key was written elsewhere."""
     node, before = migrating()
-    (key,) = keys_of("a", node.placement, where=lambda k: before.primary(k) == "c")
+    old, new = keys_of("a", node.placement, 2, where=lambda k: before.primary(k) == "c")
+    node.store.set(old, "stale here", None)
+    node.store.set(new, "newest here", None)
+    d = node.router.route({"id": 1, "op": "mget", "keys": [old, new]}, 3, 5)
+    (take,) = node.forwarded
+    assert take.request["keys"] == [old, new]
+    later = (node.store.hlc.now()[0] + 1, 0, "c")
+    take.reply.callback(ok(0, entries=[wire(old, "written on c meanwhile", version=later),
+                                       wire(new, "older on c")]))
+    assert result_of(d) == ok(values={old: "written on c meanwhile", new: "newest here"})
+
+
+def test_a_key_that_stayed_with_this_node_is_not_taken():
+    node = Node()
+    node.router.view_changed()  # a change that left a's own keys where they were
+    (key,) = keys_of("a", node.placement)
     node.store.set(key, 1, None)
     assert node.router.route({"id": 1, "op": "get", "key": key}, 3, 5) == ok(
         found=True, value=1)
@@ -517,7 +540,7 @@ def test_a_taken_entry_too_large_for_this_node_still_gets_a_reply():
     node.store.max_value_bytes = 10
     (key,) = keys_of("a", node.placement, where=lambda k: before.primary(k) == "b")
     d = node.router.route({"id": 1, "op": "get", "key": key}, 3, 5)
-    node.forwarded[0].reply.callback(ok(0, entries=[[key, "x" * 100, None]]))
+    node.forwarded[0].reply.callback(ok(0, entries=[wire(key, "x" * 100)]))
     reply = result_of(d)
     if isinstance(reply, Failure):
         reply.trap(Exception)
@@ -738,7 +761,7 @@ def test_a_large_scan_yields_to_the_reactor_between_slices():
     assert result_of(done) == 2 * SCAN_SLICE + 10
 
 
-def test_entries_removed_during_a_paused_scan_are_skipped():
+def test_entries_deleted_during_a_paused_scan_go_as_tombstones():
     from swarm.cluster.rebalance import SCAN_SLICE
 
     h = Handoff()
@@ -746,6 +769,8 @@ def test_entries_removed_during_a_paused_scan_are_skipped():
     h.rebalancer.run(h.placement)
     for key in keys[SCAN_SLICE:]:  # not scanned yet: the scan paused before them
         h.store.delete(key)
+    h.store.take(keys[SCAN_SLICE:SCAN_SLICE + 5])  # and these are gone altogether
     h.clock.advance(0)
-    sent = {e[0] for _, request, _ in h.sends for e in request["entries"]}
-    assert sent == set(keys[:SCAN_SLICE])
+    sent = [Entry.from_wire(e) for _, request, _ in h.sends for e in request["entries"]]
+    assert {e.key for e in sent if not e.deleted} == set(keys[:SCAN_SLICE])
+    assert {e.key for e in sent if e.deleted} == set(keys[SCAN_SLICE + 5:])

@@ -22,8 +22,17 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from swarm.errors import NotInteger, TooLarge
+from swarm.protocol.entry import Entry, HybridClock
 from swarm.protocol.wire import INT64_MAX, INT64_MIN
-from swarm.store.memory import ENTRY_OVERHEAD, SCALAR_SIZE, IStore, MemoryStore, measure
+from swarm.store.memory import (
+    _DELETED,
+    ENTRY_OVERHEAD,
+    SCALAR_SIZE,
+    IStore,
+    TOMBSTONE_TTL,
+    MemoryStore,
+    measure,
+)
 
 
 def entry_size(key, value):
@@ -32,8 +41,12 @@ def entry_size(key, value):
 
 
 def held_size(store):
-    """Sum of the accounted sizes of every entry the store holds (white-box)."""
-    return sum(entry_size(k, e.value) for k, e in store._entries.items())
+    """Sum of the accounted sizes of every entry and tombstone the store holds
+    (white-box): a tombstone costs the overhead and its key."""
+    return sum(
+        ENTRY_OVERHEAD + len(k.encode("utf-8")) if e.value is _DELETED else entry_size(k, e.value)
+        for k, e in store._entries.items()
+    )
 
 
 # The ``clock`` and ``store`` fixtures come from conftest.py.
@@ -353,8 +366,13 @@ def test_memory_returns_to_zero(store, clock):
     assert store.memory_bytes == held_size(store) > 0
     for key in list(store._entries):
         store.delete(key)
-    assert store.memory_bytes == 0
     assert store.stats()["keys"] == 0
+    assert store.memory_bytes == held_size(store) == 53 * ENTRY_OVERHEAD + sum(
+        len(k) for k in store._entries
+    )  # the tombstones, until they expire
+    clock.advance(TOMBSTONE_TTL)
+    assert store.stats()["tombstones"] == 0
+    assert store.memory_bytes == 0
 
 
 def test_memory_after_expiry_is_zero(store, clock):
@@ -675,6 +693,9 @@ def test_stats_reports_every_counter(clock):
         "misses": 2,
         "evictions": 2,
         "expirations": 1,
+        "tombstones": 0,
+        "merged": 0,
+        "outdated": 0,
     }
 
 
@@ -873,15 +894,144 @@ def test_tiny_budget_is_never_exceeded(budget, ops):
         assert store.memory_bytes <= budget
 
 
-def test_discard_removes_only_the_same_value_object():
+def test_discard_removes_only_the_same_version():
     store = MemoryStore(Clock())
-    value = ["handed", "over"]
-    store.set("k", value, None)
-    assert store.discard("k", ["handed", "over"]) is False  # equal is not the same
+    store.set("k", ["handed", "over"], None)
+    (handed,) = store.entries()
     store.set("k", ["rewritten"], None)
-    assert store.discard("k", value) is False
+    assert store.discard("k", handed.version) is False  # written again meanwhile
     assert store.get("k") == (True, ["rewritten"])
-    current = store.get("k")[1]
-    assert store.discard("k", current) is True
+    (current,) = store.entries()
+    assert store.discard("k", current.version) is True
     assert store.exists("k") is False and store.memory_bytes == 0
-    assert store.discard("missing", value) is False
+    assert store.discard("missing", current.version) is False
+
+
+# -- versions, merges and tombstones ------------------------------------------------------
+
+
+def entry(key, value, version, ttl=None, deleted=False):
+    return Entry(key, value, ttl, version, deleted)
+
+
+def test_every_write_gets_a_newer_version(store):
+    versions = []
+    for write in (
+        lambda: store.set("k", 1, None),
+        lambda: store.incr("k", 1, None),
+        lambda: store.expire("k", 50),
+        lambda: store.set_many({"k": 5, "j": 6}, None),
+        lambda: store.delete("k"),
+    ):
+        write()
+        versions.append({e.key: e.version for e in store.entries()}["k"])
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+
+def test_a_newer_entry_replaces_an_older_one_and_an_older_one_is_refused(store):
+    assert store.put(entry("k", "v1", (1000, 0, "a"))) is True
+    assert store.put(entry("k", "v0", (999, 5, "b"))) is False
+    assert store.get("k") == (True, "v1")
+    assert store.put(entry("k", "v2", (1000, 0, "b"))) is True  # node id breaks the tie
+    assert store.get("k") == (True, "v2")
+    assert store.put(entry("k", "again", (1000, 0, "b"))) is False  # same version
+    assert (store.merged, store.outdated) == (2, 2)
+
+
+def test_a_merge_advances_the_clock_so_the_next_local_write_wins(store):
+    future = (store.hlc.now()[0] + 60_000, 7, "elsewhere")
+    store.put(entry("k", "from a node whose clock is ahead", future))
+    store.set("k", "written here after it", None)
+    assert store.get("k") == (True, "written here after it")
+    (held,) = store.entries()
+    assert held.version > future
+
+
+def test_a_tombstone_keeps_an_older_copy_from_coming_back(store):
+    store.set("k", "v1", None)
+    (old,) = store.entries()
+    assert store.delete("k") is True
+    assert store.put(old) is False  # the handoff of the copy from before the delete
+    assert store.get("k") == (False, None)
+    assert store.exists("k") is False and store.stats()["keys"] == 0
+    assert store.stats()["tombstones"] == 1
+
+
+def test_deleting_an_absent_key_still_leaves_a_tombstone(store):
+    assert store.delete("k") is False
+    assert store.put(entry("k", "stale copy", (1, 0, "frozen-node"))) is False
+    assert store.exists("k") is False
+
+
+def test_a_write_after_a_delete_is_newer_than_the_tombstone(store):
+    store.delete("k")
+    assert store.set("k", "back", None, nx=True) is True
+    assert store.get("k") == (True, "back")
+    assert store.stats()["tombstones"] == 0
+
+
+def test_tombstones_expire_after_their_lifetime_and_give_their_memory_back(store, clock):
+    store.delete("k")
+    assert store.memory_bytes == ENTRY_OVERHEAD + 1
+    clock.advance(TOMBSTONE_TTL - 1)
+    assert store.put(entry("k", "old", (1, 0, "x"))) is False
+    clock.advance(1)
+    store.sweep(None)
+    assert store.memory_bytes == 0 and store.stats()["tombstones"] == 0
+    assert store.expirations == 0  # tombstones are not entries that expired
+    assert store.put(entry("k", "old", (1, 0, "x"))) is True  # nothing left to stop it
+
+
+def test_a_tombstone_of_an_expiring_entry_lives_no_longer_than_the_entry_would(store, clock):
+    store.put(entry("k", None, (5, 0, "x"), ttl=3, deleted=True))
+    clock.advance(3)
+    assert store.put(entry("k", "a copy that expired too", (1, 0, "x"), ttl=0.5)) is True
+
+
+def test_take_and_entries_carry_tombstones_with_their_versions(store, clock):
+    store.set("live", 1, 60)
+    store.delete("gone")
+    by_key = {e.key: e for e in store.entries()}
+    assert by_key["live"].deleted is False and by_key["live"].ttl == 60
+    assert by_key["gone"].deleted is True and by_key["gone"].value is None
+    clock.advance(10)
+    taken = store.take(["live", "gone", "missing"])
+    assert [(e.key, e.deleted, e.ttl) for e in taken] == [
+        ("live", False, 50), ("gone", True, TOMBSTONE_TTL - 10)]
+    assert list(store.entries()) == [] and store.memory_bytes == 0
+
+
+def test_a_merged_tombstone_replaces_an_older_value(store):
+    store.set("k", "v1", None)
+    later = (store.hlc.now()[0] + 1, 0, "other")
+    assert store.put(entry("k", None, later, ttl=TOMBSTONE_TTL, deleted=True)) is True
+    assert store.get("k") == (False, None)
+
+
+def test_an_expired_entry_does_not_stop_an_older_live_copy(store, clock):
+    store.set("k", "short", 1)
+    clock.advance(1)
+    assert store.put(entry("k", "older but alive", (1, 0, "x"), ttl=60)) is True
+    assert store.get("k") == (True, "older but alive")
+
+
+def test_ttls_follow_the_store_clock_not_the_wall_clock():
+    """The node gives the store a monotonic clock and the HLC the wall clock: stepping
+    the wall an hour either way changes no ttl."""
+    monotonic, wall_offset = Clock(), [0.0]
+    hlc = HybridClock("n", wall=lambda: 1_700_000_000 + wall_offset[0])
+    store = MemoryStore(monotonic, hlc=hlc)
+    store.set("k", "v", 5)
+    for step in (-3600, 7200):
+        wall_offset[0] += step
+        assert store.ttl("k") == (True, 5)
+    (before,) = store.entries()
+    wall_offset[0] -= 7200
+    store.set("k", "written while the wall clock is behind", None)
+    (after,) = store.entries()
+    assert after.version > before.version
+    monotonic.advance(5)
+    assert store.get("k") == (True, "written while the wall clock is behind")
+    store.expire("k", 5)
+    monotonic.advance(5)
+    assert store.get("k") == (False, None)

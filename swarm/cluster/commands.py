@@ -7,9 +7,14 @@ node's default ttl; an explicit null means the entry never expires.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from swarm.store.memory import IStore
+from swarm.errors import SwarmError
+from swarm.logs import logger
+from swarm.protocol.entry import Entry
+from swarm.store.interface import IStore
+
+_log = logger(__name__)
 
 
 class StoreCommands:
@@ -71,10 +76,21 @@ class StoreCommands:
         return {"stored": self.store.set_many(r["items"], self._ttl(r))}
 
     def handle_restore(self, r: dict) -> dict:
-        stored = sum(
-            self.store.set(key, value, ttl, nx=True) for key, value, ttl in r["entries"]
-        )
-        return {"stored": stored}
+        return {"stored": self.merge(r["entries"])}
 
     def handle_take(self, r: dict) -> dict:
-        return {"entries": self.store.take(r["keys"])}
+        return {"entries": [e.to_wire() for e in self.store.take(r["keys"])]}
+
+    def merge(self, entries: Iterable[Any]) -> int:
+        """Keep each entry (in its wire form) that is newer than what is held; how many
+        were kept.
+
+        An entry that is malformed, or that this node's limits refuse (they may differ
+        between nodes), is logged and skipped, so the others still land."""
+        kept = 0
+        for obj in entries:
+            try:
+                kept += self.store.put(Entry.from_wire(obj))
+            except (ValueError, SwarmError) as e:
+                _log.warn("cannot keep an entry from another node: {e}", e=e)
+        return kept

@@ -3,10 +3,11 @@
 After every change of view (a node joined, left or became unreachable) this node looks
 for entries whose key it no longer owns and hands them to the new primary owner, in
 chunks, as ``restore`` requests routed like any other; once the owner has them, the
-local copy is dropped, so ``--replicas 1`` still means one copy. ``restore`` stores an
-entry only where the key is absent: a value written at the new owner after the change
-is newer and wins. A node stopping gracefully does the same with itself left out of the
-placement, before it closes its links.
+local copy is dropped (unless it was written again meanwhile), so ``--replicas 1``
+still means one copy. Tombstones travel too. ``restore`` keeps an entry only where it
+is newer than what the owner holds, so whichever copy arrives first, the last write
+wins. A node stopping gracefully does the same with itself left out of the placement,
+before it closes its links.
 
 Runs never overlap: a view change during a run schedules one more run after it.
 """
@@ -20,7 +21,9 @@ from twisted.internet.task import deferLater
 
 from swarm.cluster.placement import Placement
 from swarm.logs import logger
-from swarm.store.memory import IStore, measure
+from swarm.protocol.entry import Entry
+from swarm.store.interface import IStore
+from swarm.store.memory import measure
 
 _log = logger(__name__)
 
@@ -76,11 +79,11 @@ class Rebalancer:
         return Deferred.fromCoroutine(self._run(placement))
 
     async def _run(self, placement: Placement) -> int:
-        groups: dict[str, list] = {}
-        for n, (key, value, ttl) in enumerate(self.store.entries(), 1):
-            owners = placement.owners(key)
+        groups: dict[str, list[Entry]] = {}
+        for n, entry in enumerate(self.store.entries(), 1):
+            owners = placement.owners(entry.key)
             if self.node_id not in owners:
-                groups.setdefault(owners[0], []).append([key, value, ttl])
+                groups.setdefault(owners[0], []).append(entry)
             if n % SCAN_SLICE == 0:  # a big store: let the reactor serve meanwhile
                 await deferLater(self.clock, 0, lambda: None)
         sends = [
@@ -90,16 +93,16 @@ class Rebalancer:
         ]
         return sum(await gatherResults(sends)) if sends else 0
 
-    def _hand_over(self, owner: str, entries: list) -> Deferred:
-        request = {"id": 0, "op": "restore", "entries": entries}
+    def _hand_over(self, owner: str, entries: list[Entry]) -> Deferred:
+        request = {"id": 0, "op": "restore", "entries": [e.to_wire() for e in entries]}
 
         def done(reply: dict) -> int:
             if not reply.get("ok"):
                 _log.warn("handing {n} entries to {owner} failed: {error}",
                           n=len(entries), owner=owner, error=reply.get("error"))
                 return 0  # kept here; the next run tries again
-            for key, value, _ in entries:
-                self.store.discard(key, value)  # unless rewritten meanwhile
+            for entry in entries:
+                self.store.discard(entry.key, entry.version)  # unless rewritten meanwhile
             self.moved += len(entries)
             _log.debug("handed {n} entries to {owner}", n=len(entries), owner=owner)
             return len(entries)
@@ -117,11 +120,11 @@ class Rebalancer:
         self._again = False
 
 
-def _chunks(entries: list) -> Iterator[list]:
-    chunk: list = []
+def _chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
+    chunk: list[Entry] = []
     size = 0
     for entry in entries:
-        weight = measure(entry[1])
+        weight = measure(entry.value)
         if chunk and (len(chunk) == CHUNK or size + weight > CHUNK_BYTES):
             yield chunk
             chunk, size = [], 0

@@ -204,11 +204,8 @@ class QueryRouter:
 
         def store_then_run(replies: list[dict]) -> dict:
             for reply in replies:
-                for key, value, ttl in reply.get("entries", ()) if reply["ok"] else ():
-                    try:
-                        self.commands.store.set(key, value, ttl, nx=True)
-                    except SwarmError as e:  # limits differ between nodes
-                        _log.warn("cannot keep {key!r} taken over: {e}", key=key, e=e)
+                if reply.get("ok") and isinstance(reply.get("entries"), list):
+                    self.commands.merge(reply["entries"])
             return self._run_local(request)
 
         return gatherResults(takes).addCallback(store_then_run)
@@ -225,15 +222,15 @@ class QueryRouter:
             return error_reply(rid, InternalError("internal error"))
 
     def _still_elsewhere(self, keys) -> dict[str, list[str]]:
-        """Keys missing here, by the reachable nodes that may still hold them."""
+        """The keys by the reachable nodes that may still hold a copy of them.
+
+        Present keys too: the copy here may be older than one written elsewhere while
+        this node was cut off or frozen; the newer of the two is kept."""
         if not self._origins or self.overlay.clock.seconds() > self._migrating_until:
             return {}
-        exists = self.commands.store.exists
         reachable = self.overlay.membership.reachable
         found: dict[str, list[str]] = {}
         for key in keys:
-            if exists(key):
-                continue
             for holder in {origin.primary(key) for origin in self._origins.values()}:
                 if holder != self.node_id and holder in reachable:
                     found.setdefault(holder, []).append(key)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import cbor2
 
 from swarm.errors import BadRequest, SwarmError, TooLarge, UnknownOp
+from swarm.protocol.entry import Entry
 
 #: The largest absolute integer ``incr`` and ``delta`` accept: a signed 64-bit range,
 #: so counters behave the same for clients in every language.
@@ -86,7 +87,7 @@ def weigh(obj: Any, budget: int, refuse_shared: bool = False) -> int:
     """About how many bytes ``obj`` takes: 8 per element plus the length of strings.
 
     A fast bound for frames and replies; what the store charges is
-    :func:`swarm.store.measure`.
+    :func:`swarm.store.memory.measure`.
 
     Stops as soon as the weight passes ``budget`` (and returns it), so the walk costs
     O(budget / 8) however the object is built.
@@ -293,8 +294,8 @@ class RequestParser:
 
     # Ops only nodes send each other (never accepted from clients).
     INTERNAL_SPECS: dict[str, list[tuple[str, str, bool]]] = {
-        # Handing entries to their new owner: [[key, value, ttl or null], ...]; an
-        # entry is stored only where the key is absent, so newer writes win.
+        # Handing entries to their new owner (Entry.to_wire forms); each is kept only
+        # where it is newer than what the owner holds, so the last write wins.
         "restore": [("entries", "entries", True)],
         # Moving entries from their previous owner on demand, right after a change.
         "take": [("keys", "keys", True)],
@@ -380,11 +381,12 @@ class RequestParser:
 
     def _entries(self, name: str, v: Any) -> list:
         if not isinstance(v, list) or not v:
-            raise BadRequest(f"{name} must be a non-empty array of [key, value, ttl]")
-        for entry in v:
-            if not isinstance(entry, list) or len(entry) != 3:
-                raise BadRequest(f"each of {name} must be [key, value, ttl]")
-            self._key("each key", entry[0])
-            self._value("each value", entry[1])
-            self._ttl("each ttl", entry[2])
+            raise BadRequest(f"{name} must be a non-empty array of entries")
+        for obj in v:
+            try:
+                entry = Entry.from_wire(obj)
+            except ValueError as e:
+                raise BadRequest(f"each of {name}: {e}") from None
+            self._key("each key", entry.key)
+            self._value("each value", entry.value)
         return v

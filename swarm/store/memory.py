@@ -1,7 +1,15 @@
-"""The in-memory store: TTL, LRU eviction within a memory budget, statistics.
+"""The in-memory store: versions, tombstones, TTL, LRU eviction within a budget, stats.
 
-Pure logic: time comes from an injected clock (``seconds()``), and nothing here does I/O,
-so it is tested directly with ``task.Clock``.
+Pure logic: time comes from an injected clock (``seconds()``), which a node makes
+monotonic, so a wall-clock step neither expires entries early nor keeps them late;
+versions come from the store's :class:`~swarm.protocol.entry.HybridClock`. Nothing here does
+I/O, so it is tested directly with ``task.Clock``.
+
+Every write is stamped with a new version; :meth:`MemoryStore.put` merges an entry from
+another node only when its version is newer. A delete leaves a *tombstone* (the key, its
+version, no value) for ``tombstone_ttl`` seconds, so an older copy that turns up later
+(a handoff, a node thawing, a partition healing) cannot bring the key back. Tombstones
+are invisible to reads and to ``keys``, cost memory like a small entry and expire like one.
 
 Expiry is lazy (an expired entry found on access is removed then) plus active: the node
 calls :meth:`MemoryStore.sweep` a few times a second. Rather than Redis's random
@@ -12,9 +20,9 @@ deleted or given a new ttl is stale and skipped; the heap is rebuilt when stale 
 outnumber live ones, so it cannot grow without bound under rewrites.
 
 Memory accounting (what ``--max-memory`` limits): each entry costs
-``ENTRY_OVERHEAD + bytes of the key in UTF-8 + measure(value)``; see :func:`measure`.
-When a write would take the total over the budget, least recently used entries are
-evicted (reads and writes both count as use) until it fits.
+``ENTRY_OVERHEAD + bytes of the key in UTF-8 + measure(value)`` (a tombstone: no value);
+see :func:`measure`. When a write would take the total over the budget, least recently
+used entries and tombstones are evicted (reads and writes both count as use) until it fits.
 """
 
 from __future__ import annotations
@@ -23,10 +31,21 @@ import heapq
 from collections import OrderedDict
 from typing import Any, Iterator
 
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from swarm.errors import NotInteger, TooLarge
 from swarm.protocol.wire import INT64_MAX, INT64_MIN, utf8_size
+from swarm.protocol.entry import Entry, HybridClock, Version
+from swarm.store.interface import IStore
+
+#: How long a deleted key's tombstone outlives the delete. It must outlast every way an
+#: older copy can arrive late: a handoff in flight (seconds), the router's migration
+#: window (10 s), a peer frozen or cut off until the swarm drops it and it comes back
+#: (the tests freeze nodes for 10 s). Five minutes covers those with a wide margin, at
+#: the cost of ENTRY_OVERHEAD + key bytes per deleted key for that long. A copy older
+#: than a delete that arrives after five minutes (a partition longer than that) can
+#: bring the key back, as in any last-writer-wins store that forgets its deletes.
+TOMBSTONE_TTL = 300.0
 
 #: Fixed cost charged per entry for the bookkeeping around key and value.
 ENTRY_OVERHEAD = 64
@@ -65,61 +84,21 @@ def measure(value: Any) -> int:
     return size
 
 
-class IStore(Interface):
-    """A node's local key=>value storage. Keys are validated strings, values plain data."""
-
-    def get(key: str) -> tuple[bool, Any]:
-        """(found, value); counts a hit or a miss."""
-
-    def set(
-        key: str, value: Any, ttl: float | None, nx: bool = False, xx: bool = False
-    ) -> bool:
-        """Store ``value`` (expiring after ``ttl`` seconds, or never when None)."""
-
-    def delete(key: str) -> bool:
-        """Remove ``key``; whether it was there."""
-
-    def exists(key: str) -> bool:
-        """Whether ``key`` holds a live entry."""
-
-    def expire(key: str, ttl: float | None) -> bool:
-        """Give a live entry a new ttl (None: never expires); whether it existed."""
-
-    def ttl(key: str) -> tuple[bool, float | None]:
-        """(found, seconds left or None when the entry does not expire)."""
-
-    def set_many(items: dict[str, Any], ttl: float | None) -> int:
-        """Store every item, or none when one of them is too large."""
-
-    def incr(key: str, delta: int, ttl: float | None) -> int:
-        """Add ``delta`` to an integer entry (``ttl`` applies only if it is created)."""
-
-    def entries() -> Iterator[tuple[str, Any, float | None]]:
-        """Every live entry as (key, value, seconds left or None), for handoffs.
-
-        Lazy, and safe to pause between items while the store changes: entries
-        removed meanwhile are skipped, entries added meanwhile may not appear."""
-
-    def discard(key: str, value: Any) -> bool:
-        """Delete ``key`` only if it still holds this very ``value`` (after a handoff)."""
-
-    def take(keys: list[str]) -> list[list]:
-        """Remove and return the live entries among ``keys`` as [key, value, ttl]."""
-
-    def sweep(limit: int) -> int:
-        """Remove at most ``limit`` expired entries; how many were removed."""
-
-    def stats() -> dict:
-        """Counters: keys, memory_bytes, max_memory_bytes, hits, misses, ..."""
+#: Stands in for the value of a tombstone: no value, and never equal to one.
+_DELETED = object()
 
 
-class _Entry:
-    __slots__ = ("value", "expires_at", "size")
+class _Slot:
+    """What the store keeps per key: the value (or _DELETED), its deadline on the
+    store's clock, its accounted size and its version."""
 
-    def __init__(self, value: Any, expires_at: float | None, size: int) -> None:
+    __slots__ = ("value", "expires_at", "size", "version")
+
+    def __init__(self, value: Any, expires_at: float | None, size: int, version: Version):
         self.value = value
         self.expires_at = expires_at
         self.size = size
+        self.version = version
 
 
 @implementer(IStore)
@@ -131,52 +110,65 @@ class MemoryStore:
         clock,
         max_memory: int = 128 * 1024 * 1024,
         max_value_bytes: int = 1024 * 1024,
+        hlc: HybridClock | None = None,
+        tombstone_ttl: float = TOMBSTONE_TTL,
     ) -> None:
         self._clock = clock
+        self.hlc = hlc if hlc is not None else HybridClock("local")
         self.max_memory = max_memory
         self.max_value_bytes = max_value_bytes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.tombstone_ttl = tombstone_ttl
+        self._entries: OrderedDict[str, _Slot] = OrderedDict()
         self._deadlines: list[tuple[float, str]] = []
-        self._expiring = 0  # live entries that have a deadline
+        self._expiring = 0  # slots (entries and tombstones) that have a deadline
+        self._tombstones = 0
         self.memory_bytes = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
         self.expirations = 0
+        self.merged = 0  # entries kept by put()
+        self.outdated = 0  # entries put() refused as older than what was held
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Live entries (and expired ones not removed yet), tombstones excluded."""
+        return len(self._entries) - self._tombstones
 
     # -- lookups --------------------------------------------------------------------
 
-    def _live(self, key: str) -> _Entry | None:
-        """The entry for ``key`` unless absent or expired (then removed)."""
-        entry = self._entries.get(key)
-        if entry is None:
+    def _current(self, key: str) -> _Slot | None:
+        """The slot for ``key`` (entry or tombstone) unless absent or expired (then
+        removed)."""
+        slot = self._entries.get(key)
+        if slot is None:
             return None
-        if entry.expires_at is not None and entry.expires_at <= self._clock.seconds():
-            self._remove(key, entry)
-            self.expirations += 1
+        if slot.expires_at is not None and slot.expires_at <= self._clock.seconds():
+            self._expired(key, slot)
             return None
-        return entry
+        return slot
+
+    def _live(self, key: str) -> _Slot | None:
+        """The live entry for ``key``: not absent, expired or deleted."""
+        slot = self._current(key)
+        return None if slot is None or slot.value is _DELETED else slot
 
     def get(self, key: str) -> tuple[bool, Any]:
-        entry = self._live(key)
-        if entry is None:
+        slot = self._live(key)
+        if slot is None:
             self.misses += 1
             return False, None
         self.hits += 1
         self._entries.move_to_end(key)
-        return True, entry.value
+        return True, slot.value
 
     def exists(self, key: str) -> bool:
         return self._live(key) is not None
 
     def ttl(self, key: str) -> tuple[bool, float | None]:
-        entry = self._live(key)
-        if entry is None:
+        slot = self._live(key)
+        if slot is None:
             return False, None
-        return True, self._left(entry, self._clock.seconds())
+        return True, self._left(slot, self._clock.seconds())
 
     # -- writes ---------------------------------------------------------------------
 
@@ -192,50 +184,98 @@ class MemoryStore:
             present = self._live(key) is not None
             if (nx and present) or (xx and not present):
                 return False
-        self._put(key, value, self._deadline(ttl))
+        self._put(key, value, self._deadline(ttl), self.hlc.now())
         return True
 
     def set_many(self, items: dict[str, Any], ttl: float | None) -> int:
         sized = [(key, value, self._entry_size(key, value)) for key, value in items.items()]
         deadline = self._deadline(ttl)
+        version = self.hlc.now()  # one write: one version for all its keys
         for key, value, size in sized:
-            self._put(key, value, deadline, size)
+            self._put(key, value, deadline, version, size)
         return len(sized)
 
     def incr(self, key: str, delta: int, ttl: float | None) -> int:
-        entry = self._live(key)
-        if entry is None:
+        slot = self._live(key)
+        if slot is None:
             current, deadline = 0, self._deadline(ttl)
         else:
-            current, deadline = entry.value, entry.expires_at
+            current, deadline = slot.value, slot.expires_at
             if not isinstance(current, int) or isinstance(current, bool):
                 raise NotInteger(f"the value of {key!r} is not an integer")
         result = current + delta
         if not INT64_MIN <= result <= INT64_MAX:
             raise NotInteger(f"incrementing {key!r} would overflow a 64-bit integer")
-        self._put(key, result, deadline)
+        self._put(key, result, deadline, self.hlc.now())
         return result
 
     def delete(self, key: str) -> bool:
-        entry = self._live(key)
-        if entry is None:
-            return False
-        self._remove(key, entry)
-        return True
+        """A tombstone whether or not the key is here: a copy may live elsewhere (a
+        frozen node, the other side of a partition) and must not come back."""
+        existed = self._live(key) is not None
+        self._bury(key, self.hlc.now(), self.tombstone_ttl)
+        return existed
 
     def expire(self, key: str, ttl: float | None) -> bool:
-        entry = self._live(key)
-        if entry is None:
+        slot = self._live(key)
+        if slot is None:
             return False
-        self._set_deadline(key, entry, self._deadline(ttl))
+        slot.version = self.hlc.now()  # a new expiry is a write like any other
+        self._set_deadline(key, slot, self._deadline(ttl))
         return True
+
+    # -- merging and moving entries -------------------------------------------------
+
+    def put(self, entry: Entry) -> bool:
+        self.hlc.observe(entry.version)
+        held = self._current(entry.key)
+        if held is not None and held.version >= entry.version:
+            self.outdated += 1
+            return False
+        if entry.deleted:
+            self._bury(entry.key, entry.version, entry.ttl)
+        else:
+            self._put(entry.key, entry.value, self._deadline(entry.ttl), entry.version)
+        self.merged += 1
+        return True
+
+    def _entry_of(self, key: str, slot: _Slot, now: float) -> Entry:
+        deleted = slot.value is _DELETED
+        return Entry(key, None if deleted else slot.value, self._left(slot, now),
+                     slot.version, deleted)
+
+    def entries(self) -> Iterator[Entry]:
+        for key in list(self._entries):  # a snapshot of the keys, not of the entries
+            slot = self._entries.get(key)
+            if slot is None:
+                continue
+            now = self._clock.seconds()
+            if slot.expires_at is None or slot.expires_at > now:
+                yield self._entry_of(key, slot, now)
+
+    def discard(self, key: str, version: Version) -> bool:
+        slot = self._entries.get(key)
+        if slot is None or slot.version != version:
+            return False
+        self._remove(key, slot)
+        return True
+
+    def take(self, keys: list[str]) -> list[Entry]:
+        now = self._clock.seconds()
+        taken = []
+        for key in keys:
+            slot = self._current(key)
+            if slot is not None:
+                taken.append(self._entry_of(key, slot, now))
+                self._remove(key, slot)
+        return taken
 
     # -- bookkeeping ----------------------------------------------------------------
 
     @staticmethod
-    def _left(entry: _Entry, now: float) -> float | None:
-        """Seconds until ``entry`` expires, or None when it does not."""
-        return None if entry.expires_at is None else entry.expires_at - now
+    def _left(slot: _Slot, now: float) -> float | None:
+        """Seconds until ``slot`` expires, or None when it does not."""
+        return None if slot.expires_at is None else slot.expires_at - now
 
     def _deadline(self, ttl: float | None) -> float | None:
         return None if ttl is None else self._clock.seconds() + ttl
@@ -255,23 +295,37 @@ class MemoryStore:
         return size
 
     def _put(
-        self, key: str, value: Any, expires_at: float | None, size: int | None = None
+        self,
+        key: str,
+        value: Any,
+        expires_at: float | None,
+        version: Version,
+        size: int | None = None,
     ) -> None:
         if size is None:
             size = self._entry_size(key, value)
+        self._store(key, _Slot(value, None, size, version), expires_at)
+
+    def _bury(self, key: str, version: Version, ttl: float | None) -> None:
+        """Replace whatever ``key`` holds with a tombstone living ``ttl`` seconds."""
+        life = self.tombstone_ttl if ttl is None else min(ttl, self.tombstone_ttl)
+        slot = _Slot(_DELETED, None, ENTRY_OVERHEAD + utf8_size(key), version)
+        self._tombstones += 1
+        self._store(key, slot, self._deadline(life))
+
+    def _store(self, key: str, slot: _Slot, expires_at: float | None) -> None:
         old = self._entries.get(key)
         if old is not None:
             self._remove(key, old)
-        entry = _Entry(value, None, size)
-        self._entries[key] = entry
-        self.memory_bytes += size
-        self._set_deadline(key, entry, expires_at)
+        self._entries[key] = slot
+        self.memory_bytes += slot.size
+        self._set_deadline(key, slot, expires_at)
         self._evict_over_budget()
 
-    def _set_deadline(self, key: str, entry: _Entry, expires_at: float | None) -> None:
-        if entry.expires_at is not None:
+    def _set_deadline(self, key: str, slot: _Slot, expires_at: float | None) -> None:
+        if slot.expires_at is not None:
             self._expiring -= 1
-        entry.expires_at = expires_at
+        slot.expires_at = expires_at
         if expires_at is not None:
             self._expiring += 1
             heapq.heappush(self._deadlines, (expires_at, key))
@@ -287,11 +341,18 @@ class MemoryStore:
         ]
         heapq.heapify(self._deadlines)
 
-    def _remove(self, key: str, entry: _Entry) -> None:
+    def _remove(self, key: str, slot: _Slot) -> None:
         del self._entries[key]
-        self.memory_bytes -= entry.size
-        if entry.expires_at is not None:
+        self.memory_bytes -= slot.size
+        if slot.expires_at is not None:
             self._expiring -= 1
+        if slot.value is _DELETED:
+            self._tombstones -= 1
+
+    def _expired(self, key: str, slot: _Slot) -> None:
+        self._remove(key, slot)
+        if slot.value is not _DELETED:
+            self.expirations += 1
 
     def _evict_over_budget(self) -> None:
         while self.memory_bytes > self.max_memory:
@@ -299,45 +360,18 @@ class MemoryStore:
             self._remove(key, self._entries[key])
             self.evictions += 1
 
-    def entries(self) -> Iterator[tuple[str, Any, float | None]]:
-        for key in list(self._entries):  # a snapshot of the keys, not of the entries
-            entry = self._entries.get(key)
-            if entry is None:
-                continue
-            left = self._left(entry, self._clock.seconds())
-            if left is None or left > 0:
-                yield key, entry.value, left
-
-    def discard(self, key: str, value: Any) -> bool:
-        entry = self._entries.get(key)
-        if entry is None or entry.value is not value:
-            return False
-        self._remove(key, entry)
-        return True
-
-    def take(self, keys: list[str]) -> list[list]:
-        now = self._clock.seconds()
-        taken = []
-        for key in keys:
-            entry = self._live(key)
-            if entry is not None:
-                taken.append([key, entry.value, self._left(entry, now)])
-                self._remove(key, entry)
-        return taken
-
     def sweep(self, limit: int | None = 200) -> int:
-        """Remove expired entries in deadline order, looking at most at ``limit`` heap
-        items, stale ones included (None: everything due)."""
+        """Remove expired entries and tombstones in deadline order, looking at most at
+        ``limit`` heap items, stale ones included (None: everything due)."""
         now = self._clock.seconds()
         heap = self._deadlines
         removed = looked = 0
         while heap and heap[0][0] <= now and (limit is None or looked < limit):
             looked += 1
             deadline, key = heapq.heappop(heap)
-            entry = self._entries.get(key)
-            if entry is not None and entry.expires_at == deadline:
-                self._remove(key, entry)
-                self.expirations += 1
+            slot = self._entries.get(key)
+            if slot is not None and slot.expires_at == deadline:
+                self._expired(key, slot)
                 removed += 1
         return removed
 
@@ -346,11 +380,14 @@ class MemoryStore:
         # each expired entry is removed once, here or by a later sweep.
         self.sweep(limit=None)
         return {
-            "keys": len(self._entries),
+            "keys": len(self),
+            "tombstones": self._tombstones,
             "memory_bytes": self.memory_bytes,
             "max_memory_bytes": self.max_memory,
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,
             "expirations": self.expirations,
+            "merged": self.merged,
+            "outdated": self.outdated,
         }

@@ -1,0 +1,76 @@
+"""``IStore``: what a node needs from its local storage.
+
+Every write is stamped with a version from the store's :class:`~swarm.protocol.entry.
+HybridClock` (``hlc``), and every merge (:meth:`IStore.put`) keeps the newer version,
+so copies of a key moved between nodes in any order settle on the last write. A delete
+leaves a tombstone for a while, so an older copy that arrives later cannot revive it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from zope.interface import Attribute, Interface
+
+from swarm.protocol.entry import Entry, Version
+
+
+class IStore(Interface):
+    """A node's local key=>value storage. Keys are validated strings, values plain data.
+
+    ``ttl`` arguments are seconds (None: never expires). Tombstones are invisible to
+    reads, never count as keys, and are returned by :meth:`entries` and :meth:`take`
+    so that deletes travel with handoffs.
+    """
+
+    hlc = Attribute("The HybridClock that stamps this store's writes and observes merges.")
+
+    def get(key: str) -> tuple[bool, Any]:
+        """(found, value); counts a hit or a miss."""
+
+    def set(
+        key: str, value: Any, ttl: float | None, nx: bool = False, xx: bool = False
+    ) -> bool:
+        """Store ``value`` (expiring after ``ttl`` seconds, or never when None)."""
+
+    def delete(key: str) -> bool:
+        """Leave a tombstone for ``key``; whether a live entry was there."""
+
+    def exists(key: str) -> bool:
+        """Whether ``key`` holds a live entry."""
+
+    def expire(key: str, ttl: float | None) -> bool:
+        """Give a live entry a new ttl (None: never expires); whether it existed."""
+
+    def ttl(key: str) -> tuple[bool, float | None]:
+        """(found, seconds left or None when the entry does not expire)."""
+
+    def set_many(items: dict[str, Any], ttl: float | None) -> int:
+        """Store every item, or none when one of them is too large."""
+
+    def incr(key: str, delta: int, ttl: float | None) -> int:
+        """Add ``delta`` to an integer entry (``ttl`` applies only if it is created)."""
+
+    def put(entry: Entry) -> bool:
+        """Merge an entry from elsewhere: kept only if its version is newer than the
+        one held for its key (live, expired or tombstone); whether it was kept. The
+        store's clock observes the version either way."""
+
+    def entries() -> Iterator[Entry]:
+        """Every live entry and tombstone, for handoffs.
+
+        Lazy, and safe to pause between items while the store changes: entries
+        removed meanwhile are skipped, entries added meanwhile may not appear."""
+
+    def discard(key: str, version: Version) -> bool:
+        """Drop ``key`` only if it is still at ``version`` (after a handoff: a key
+        written again meanwhile stays)."""
+
+    def take(keys: list[str]) -> list[Entry]:
+        """Remove and return the live entries and tombstones among ``keys``."""
+
+    def sweep(limit: int) -> int:
+        """Remove at most ``limit`` expired entries; how many were removed."""
+
+    def stats() -> dict:
+        """Counters: keys, memory_bytes, max_memory_bytes, hits, misses, ..."""
