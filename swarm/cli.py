@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from swarm.client.connection import SwarmClient
 from swarm.errors import SwarmError, Unavailable
+from swarm.protocol.ops import CLIENT_OPS
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -84,12 +85,14 @@ def build_parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
 
-    def command(name: str, help: str) -> _Parser:
-        return commands.add_parser(name, help=help, stdout=stdout, stderr=stderr)
+    def command(name: str) -> _Parser:
+        """A subcommand for one op of the table, described as the table describes it."""
+        return commands.add_parser(name, help=CLIENT_OPS[name].summary, stdout=stdout,
+                                   stderr=stderr)
 
-    command("ping", "the id of the node")
-    command("get", "print a key's value").add_argument("key")
-    p = command("set", "store a value")
+    command("ping")
+    command("get").add_argument("key")
+    p = command("set")
     p.add_argument("key")
     p.add_argument("value")
     p.add_argument("--ttl", type=float, metavar="S", help="expire after S seconds")
@@ -97,19 +100,19 @@ def build_parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     only.add_argument("--nx", action="store_true", help="only if the key is absent")
     only.add_argument("--xx", action="store_true", help="only if the key is present")
     p.add_argument("--json-value", action="store_true", help="VALUE is JSON, not a string")
-    command("delete", "delete a key").add_argument("key")
-    command("exists", "whether a key exists").add_argument("key")
-    p = command("expire", "set a key's ttl")
+    command("delete").add_argument("key")
+    command("exists").add_argument("key")
+    p = command("expire")
     p.add_argument("key")
     p.add_argument("ttl", type=_ttl_or_none, metavar="TTL", help="seconds, or 'none'")
-    command("ttl", "seconds before a key expires").add_argument("key")
-    p = command("incr", "add to an integer")
+    command("ttl").add_argument("key")
+    p = command("incr")
     p.add_argument("key")
     p.add_argument("delta", type=int, nargs="?", default=1)
-    command("mget", "print several keys").add_argument("keys", nargs="+", metavar="KEY")
-    command("stats", "the node's counters")
-    command("nodes", "the swarm as the node sees it")
-    command("owner", "the nodes that hold a key").add_argument("key")
+    command("mget").add_argument("keys", nargs="+", metavar="KEY")
+    command("stats")
+    command("nodes")
+    command("owner").add_argument("key")
     return top
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 from swarm.errors import SwarmError
 from swarm.logs import logger
 from swarm.protocol.entry import Entry
+from swarm.protocol.ops import Kind, ops_of
 from swarm.store.interface import IStore
 
 _log = logger(__name__)
@@ -20,16 +21,12 @@ _log = logger(__name__)
 class StoreCommands:
     """Runs the ops that read or write keys, on the local store."""
 
-    OPS = frozenset(
-        ["get", "set", "delete", "exists", "expire", "ttl", "incr", "mget", "mset",
-         "restore", "take"]
-    )
-
     def __init__(self, store: IStore, default_ttl: float | None = None) -> None:
         self.store = store
         self.default_ttl = default_ttl or None
         self._handlers: dict[str, Callable[[dict], dict]] = {
-            op: getattr(self, "handle_" + op) for op in self.OPS
+            op.name: getattr(self, "handle_" + op.name)
+            for op in ops_of(Kind.READ, Kind.WRITE, Kind.INTERNAL)
         }
 
     def execute(self, request: dict) -> dict:

@@ -22,9 +22,16 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
-from swarm.errors import InternalError, SwarmError, Unavailable, error_from_wire
+from swarm.errors import (
+    BadRequest,
+    InternalError,
+    SwarmError,
+    Unavailable,
+    error_from_wire,
+)
 from swarm.logs import logger
 from swarm.mesh.overlay import Overlay
+from swarm.protocol.ops import OPS, Kind, Op, ops_of
 from swarm.protocol.wire import RequestParser, error_reply, ok_reply
 
 _log = logger(__name__)
@@ -64,10 +71,7 @@ class QueryRouter:
         self._last_view: frozenset[str] = frozenset([node_id])
         self._migrating_until = 0.0
         self._node_ops: dict[str, Callable[[dict], dict]] = {
-            "ping": self.handle_ping,
-            "stats": self.handle_stats,
-            "nodes": self.handle_nodes,
-            "owner": self.handle_owner,
+            op.name: getattr(self, "handle_" + op.name) for op in ops_of(Kind.NODE)
         }
         overlay.handle_request = self.route_forwarded
 
@@ -116,25 +120,26 @@ class QueryRouter:
     ) -> dict | Deferred:
         """Run ``request`` here or send it on; ``to`` names the node that must run it."""
         rid = request["id"]
-        op = request["op"]
+        op = OPS[request["op"]]
         try:
-            node_op = self._node_ops.get(op)
-            if node_op is not None:
-                return ok_reply(rid, node_op(request))
+            if op.kind is Kind.NODE:
+                return ok_reply(rid, self._node_ops[op.name](request))
             if to is not None:  # addressed: run there, whoever owns the key
                 if to != self.node_id:
                     return self._forward(to, request, timeout, hops, addressed=True)
                 return self._run_local(request)
-            if op in ("mget", "mset"):
-                return self._fan_out(request, timeout, hops)
+            if op.kind is Kind.INTERNAL:
+                raise BadRequest(f"{op.name} must be addressed to a node")
+            if op.multi_key:
+                return self._fan_out(op, request, timeout, hops)
             owner = self.placement.primary(request["key"])
             if owner == self.node_id:
-                return self._execute_owned(request, [request["key"]])
+                return self._execute_owned(op, request)
             return self._forward(owner, request, timeout, hops)
         except SwarmError as e:
             return error_reply(rid, e)
         except Exception:
-            _log.failure("internal error handling {op}", op=op)
+            _log.failure("internal error handling {op}", op=op.name)
             return error_reply(rid, InternalError("internal error"))
 
     def _forward(
@@ -157,29 +162,24 @@ class QueryRouter:
 
     # -- multi-key ops ----------------------------------------------------------------
 
-    def _fan_out(self, request: dict, timeout: float, hops: int) -> dict | Deferred:
+    def _fan_out(self, op: Op, request: dict, timeout: float, hops: int) -> dict | Deferred:
         """Split by owner, run the parts (here or forwarded), merge their results."""
-        op, rid = request["op"], request["id"]
+        rid = request["id"]
         primary = self.placement.primary
-        groups: dict[str, Any] = {}
-        if op == "mget":
-            for key in request["keys"]:
-                groups.setdefault(primary(key), []).append(key)
-            parts = {o: dict(request, keys=keys) for o, keys in groups.items()}
-        else:
-            for key, value in request["items"].items():
-                groups.setdefault(primary(key), {})[key] = value
-            parts = {o: dict(request, items=items) for o, items in groups.items()}
+        groups: dict[str, list[str]] = {}
+        for key in op.keys(request):
+            groups.setdefault(primary(key), []).append(key)
+        parts = {owner: op.part(request, keys) for owner, keys in groups.items()}
         local = parts.pop(self.node_id, None)
         replies = [self._forward(owner, part, timeout, hops) for owner, part in parts.items()]
         if local is not None:
-            replies.append(self._execute_owned(local, local.get("keys", ())))
+            replies.append(self._execute_owned(op, local))
 
         def merge(replies: list[dict]) -> dict:
             for reply in replies:
                 if not reply.get("ok"):
                     return error_reply(rid, error_from_wire(reply.get("error")))
-            return ok_reply(rid, self._merge(op, replies))
+            return ok_reply(rid, op.merge(replies))
 
         if any(isinstance(r, Deferred) for r in replies):
             waiting = [r if isinstance(r, Deferred) else succeed(r) for r in replies]
@@ -188,13 +188,11 @@ class QueryRouter:
 
     # -- migration --------------------------------------------------------------------
 
-    def _execute_owned(self, request: dict, keys) -> dict | Deferred:
-        """Run a request on keys this node owns, first taking any of them that the
-        previous owner may still hold (plain ``set`` and ``mset`` need nothing old)."""
-        plain_write = request["op"] == "mset" or (
-            request["op"] == "set" and not (request.get("nx") or request.get("xx"))
-        )
-        by_owner = {} if plain_write else self._still_elsewhere(keys)
+    def _execute_owned(self, op: Op, request: dict) -> dict | Deferred:
+        """Run a request on keys this node owns, first taking any of them that a
+        previous owner may still hold (a blind write, such as a plain ``set``, needs
+        nothing old: its new version outranks any copy)."""
+        by_owner = {} if op.blind(request) else self._still_elsewhere(op.keys(request))
         if not by_owner:
             return self._run_local(request)
         takes = [
@@ -235,16 +233,6 @@ class QueryRouter:
                 if holder != self.node_id and holder in reachable:
                     found.setdefault(holder, []).append(key)
         return found
-
-    @staticmethod
-    def _merge(op: str, results: list[dict]) -> dict:
-        """Merge the parts' results (or replies: the same fields)."""
-        if op == "mget":
-            values: dict[str, Any] = {}
-            for r in results:
-                values.update(r["values"])
-            return {"values": values}
-        return {"stored": sum(r["stored"] for r in results)}
 
     # -- node ops ---------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import cbor2
 
 from swarm.errors import BadRequest, SwarmError, TooLarge, UnknownOp
 from swarm.protocol.entry import Entry
+from swarm.protocol.ops import CLIENT_OPS, OPS
 
 #: The largest absolute integer ``incr`` and ``delta`` accept: a signed 64-bit range,
 #: so counters behave the same for clients in every language.
@@ -257,7 +258,7 @@ class RequestParser:
 
     def __init__(self, limits: Limits = Limits(), internal: bool = False) -> None:
         self.limits = limits
-        self._specs = dict(self.SPECS, **self.INTERNAL_SPECS) if internal else self.SPECS
+        self._ops = OPS if internal else CLIENT_OPS
         self._validators: dict[str, Callable[[str, Any], Any]] = {
             "key": self._key,
             "value": self._value,
@@ -269,58 +270,26 @@ class RequestParser:
             "entries": self._entries,
         }
 
-    # op -> [(argument, validator, required)]
-    SPECS: dict[str, list[tuple[str, str, bool]]] = {
-        "ping": [],
-        "stats": [],
-        "nodes": [],
-        "owner": [("key", "key", True)],
-        "get": [("key", "key", True)],
-        "exists": [("key", "key", True)],
-        "delete": [("key", "key", True)],
-        "ttl": [("key", "key", True)],
-        "set": [
-            ("key", "key", True),
-            ("value", "value", True),
-            ("ttl", "ttl", False),
-            ("nx", "flag", False),
-            ("xx", "flag", False),
-        ],
-        "expire": [("key", "key", True), ("ttl", "ttl", True)],
-        "incr": [("key", "key", True), ("delta", "delta", False)],
-        "mget": [("keys", "keys", True)],
-        "mset": [("items", "items", True), ("ttl", "ttl", False)],
-    }
-
-    # Ops only nodes send each other (never accepted from clients).
-    INTERNAL_SPECS: dict[str, list[tuple[str, str, bool]]] = {
-        # Handing entries to their new owner (Entry.to_wire forms); each is kept only
-        # where it is newer than what the owner holds, so the last write wins.
-        "restore": [("entries", "entries", True)],
-        # Moving entries from their previous owner on demand, right after a change.
-        "take": [("keys", "keys", True)],
-    }
-
     def parse(self, obj: Any) -> dict:
         if not isinstance(obj, dict):
             raise BadRequest("a request must be an object")
         rid = obj.get("id")
         if "id" not in obj or not _valid_id(rid):
             raise BadRequest("a request needs an id that is an integer or a string")
-        op = obj.get("op")
-        if not isinstance(op, str):
+        name = obj.get("op")
+        if not isinstance(name, str):
             raise BadRequest("a request needs an op that is a string")
-        spec = self._specs.get(op)
-        if spec is None:
-            raise UnknownOp(f"unknown op {op!r}")
-        request = {"id": rid, "op": op}
-        for name, kind, required in spec:
-            if name in obj:
-                request[name] = self._validators[kind](name, obj[name])
-            elif required:
-                raise BadRequest(f"{op} needs the argument {name!r}")
-        if request.get("nx") and request.get("xx"):
-            raise BadRequest("set takes nx or xx, not both")
+        op = self._ops.get(name)
+        if op is None:
+            raise UnknownOp(f"unknown op {name!r}")
+        request = {"id": rid, "op": name}
+        for arg in op.args:
+            if arg.name in obj:
+                request[arg.name] = self._validators[arg.check](arg.name, obj[arg.name])
+            elif arg.required:
+                raise BadRequest(f"{name} needs the argument {arg.name!r}")
+        if op.check is not None and (reason := op.check(request)) is not None:
+            raise BadRequest(reason)
         return request
 
     def split(self, decoded: Any) -> tuple[list, bool]:
