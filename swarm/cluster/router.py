@@ -119,28 +119,24 @@ class QueryRouter:
         self, request: dict, timeout: float, hops: int, to: str | None = None
     ) -> dict | Deferred:
         """Run ``request`` here or send it on; ``to`` names the node that must run it."""
-        rid = request["id"]
+        return _answering(request, self._route, request, timeout, hops, to)
+
+    def _route(self, request: dict, timeout: float, hops: int, to: str | None) -> dict | Deferred:
         op = OPS[request["op"]]
-        try:
-            if op.kind is Kind.NODE:
-                return ok_reply(rid, self._node_ops[op.name](request))
-            if to is not None:  # addressed: run there, whoever owns the key
-                if to != self.node_id:
-                    return self._forward(to, request, timeout, hops, addressed=True)
-                return self._run_local(request)
-            if op.kind is Kind.INTERNAL:
-                raise BadRequest(f"{op.name} must be addressed to a node")
-            if op.multi_key:
-                return self._fan_out(op, request, timeout, hops)
-            owner = self.placement.primary(request["key"])
-            if owner == self.node_id:
-                return self._execute_owned(op, request)
-            return self._forward(owner, request, timeout, hops)
-        except SwarmError as e:
-            return error_reply(rid, e)
-        except Exception:
-            _log.failure("internal error handling {op}", op=op.name)
-            return error_reply(rid, InternalError("internal error"))
+        if op.kind is Kind.NODE:
+            return ok_reply(request["id"], self._node_ops[op.name](request))
+        if to is not None:  # addressed: run there, whoever owns the key
+            if to != self.node_id:
+                return self._forward(to, request, timeout, hops, addressed=True)
+            return self._run_local(request)
+        if op.kind is Kind.INTERNAL:
+            raise BadRequest(f"{op.name} must be addressed to a node")
+        if op.multi_key:
+            return self._fan_out(op, request, timeout, hops)
+        owner = self.placement.primary(request["key"])
+        if owner == self.node_id:
+            return self._execute_owned(op, request)
+        return self._forward(owner, request, timeout, hops)
 
     def _forward(
         self, node: str, request: dict, timeout: float, hops: int, addressed: bool = False
@@ -210,14 +206,7 @@ class QueryRouter:
 
     def _run_local(self, request: dict) -> dict:
         """Run ``request`` on this node's store: its ok or error reply."""
-        rid = request["id"]
-        try:
-            return ok_reply(rid, self.commands.execute(request))
-        except SwarmError as e:
-            return error_reply(rid, e)
-        except Exception:
-            _log.failure("internal error handling {op}", op=request["op"])
-            return error_reply(rid, InternalError("internal error"))
+        return _answering(request, lambda: ok_reply(request["id"], self.commands.execute(request)))
 
     def _still_elsewhere(self, keys) -> dict[str, list[str]]:
         """The keys by the reachable nodes that may still hold a copy of them.
@@ -247,3 +236,17 @@ class QueryRouter:
 
     def handle_owner(self, request: dict) -> dict:
         return {"nodes": list(self.placement.owners(request["key"]))}
+
+
+def _answering(request: dict, run: Callable[..., Any], *args: Any) -> Any:
+    """``run(*args)``, with what it raises turned into ``request``'s error reply: the
+    one place where the router's errors become wire replies. An error that is not a
+    SwarmError is logged with its traceback and answered ``internal`` (the details
+    stay in the log)."""
+    try:
+        return run(*args)
+    except SwarmError as e:
+        return error_reply(request["id"], e)
+    except Exception:
+        _log.failure("internal error handling {op}", op=request["op"])
+        return error_reply(request["id"], InternalError("internal error"))
