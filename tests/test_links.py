@@ -1,4 +1,4 @@
-"""Unit tests of swarm.links.PeerLink: request tags, replies, timeouts, failing all.
+"""Unit tests of swarm.mesh.link.PeerLink: request tags, replies, timeouts, failing all.
 
 No sockets: frames go to a list, time comes from task.Clock. Every path must end with
 nothing pending and no timer left on the clock.
@@ -155,9 +155,9 @@ def test_a_cancelled_call_settles_as_an_error_reply_and_leaves_nothing():
 
 def test_a_swarm_error_failure_keeps_its_code():
     """Whatever fails a pending call is settled as an error reply with its own code."""
-    link, frames, clock = make_link()
+    link, _, clock = make_link()
     d = link.call(get(), 5, 3)
-    link._pending[frames[0][0]["rid"]].errback(BadRequest("odd"))
+    link._calls.fail_all(BadRequest("odd"))
     reply = result_of(d)
     assert reply["error"] == {"code": "bad_request", "message": "odd"}
     assert_nothing_left(link, clock)
