@@ -188,6 +188,36 @@ def test_batch_times_out_as_a_whole():
     assert tracker.pending == 0
 
 
+class SteppingClock(task.Clock):
+    """A fake clock that moves ``step`` seconds whenever it is read, as a busy one does."""
+
+    step = 0.0
+
+    def seconds(self) -> float:
+        self.rightNow += self.step
+        return self.rightNow
+
+
+def test_a_batch_that_times_out_stops_waiting_for_all_its_parts_at_once():
+    """On a moving clock its parts' deadlines differ; the first to pass ends them all."""
+    sink = Sink()
+    clock = SteppingClock()
+    tracker = RequestTracker(sink, clock, timeout=1.0)
+    clock.step = 0.001
+    out = results(tracker.batch([{"op": "ping"}] * 3))
+    clock.step = 0.0
+    for _ in range(2000):
+        if out:
+            break
+        clock.advance(0.001)
+    assert out[0].check(errors.Timeout)
+    assert tracker.pending == 0
+    for item in sink.decoded():
+        reply(tracker, {"id": item["id"], "ok": True, "node": "n"})  # late: dropped
+    assert len(out) == 1
+    assert clock.getDelayedCalls() == []
+
+
 def test_empty_batch_sends_nothing():
     tracker, sink, _ = make_tracker()
     assert results(tracker.batch([])) == [[]]

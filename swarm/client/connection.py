@@ -4,8 +4,8 @@ Two layers, as in magic-wormhole and Twisted AMP:
 
 * :class:`RequestTracker` is plain logic with no I/O. It numbers requests, keeps
   ``id -> Deferred`` for those in flight, times them out on an injected clock and fails them
-  all when the connection goes away. Tests drive it with ``task.Clock`` and a list as the
-  sink.
+  all when the connection goes away, through :class:`swarm.correlate.Correlator` (the core
+  the peer links use too). Tests drive it with ``task.Clock`` and a list as the sink.
 * :class:`_ClientProtocol` is a thin Autobahn adapter that feeds it frames, and
   :class:`SwarmClient` is the public face, built by :meth:`SwarmClient.connect`.
 
@@ -20,14 +20,16 @@ With ``encoding="json"`` a byte-string value stored by a CBOR client comes back 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from swarm.correlate import Correlator
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.logs import logger
 from swarm.protocol.api import CacheOps
@@ -53,8 +55,11 @@ class RequestTracker:
     """Numbers requests, matches replies to them by id, times them out.
 
     ``send(payload, is_binary)`` puts one frame on the wire; ``clock`` schedules the
-    timeouts. Nothing here touches a socket, so it is tested with a list and a
-    ``task.Clock``.
+    timeouts (kept to within :data:`swarm.correlate.SLACK`, late, never early). Ids,
+    replies, timeouts and cancellation are a :class:`~swarm.correlate.Correlator`'s, the
+    same core the peer links use; this class adds the client's frames, batches, and the
+    rule that nothing is sent once the connection has gone. Nothing here touches a
+    socket, so it is tested with a list and a ``task.Clock``.
     """
 
     def __init__(
@@ -67,35 +72,28 @@ class RequestTracker:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}")
         self._send = send
-        self._clock = clock
         self._binary = ENCODINGS[encoding]
         self.encoding = encoding
         self.timeout = timeout
-        self._next_id = 0
-        self._pending: dict[int, Deferred[dict]] = {}
+        self._calls = Correlator(clock)
         self._closed: Failure | None = None
 
     @property
     def pending(self) -> int:
         """How many requests are waiting for a reply."""
-        return len(self._pending)
+        return self._calls.pending
 
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
+    def _expect(self, what: str) -> tuple[int, Deferred[dict]]:
+        """A new id, and the Deferred its reply fires; past the timeout it raises Timeout."""
+        timeout = self.timeout
+        return self._calls.expect(
+            timeout, lambda: Timeout(f"no reply to {what} within {timeout:g}s")
+        )
 
-    def _register(self, rid: int) -> Deferred[dict]:
-        d: Deferred[dict] = Deferred(lambda _: self._pending.pop(rid, None))
-        self._pending[rid] = d
-        return d
-
-    def _encode(self, frame: Any) -> bytes:
-        return encode_frame(frame, self._binary)
-
-    def _transmit(self, payload: bytes, d: Deferred) -> Failure | None:
-        """Send one frame; if that fails, retire ``d`` quietly and return why."""
+    def _transmit(self, frame: Any, d: Deferred) -> Failure | None:
+        """Encode and send one frame; if that fails, retire ``d`` quietly and return why."""
         try:
-            self._send(payload, self._binary)
+            self._send(encode_frame(frame, self._binary), self._binary)
         except Exception:
             why = Failure()
             d.addErrback(lambda _: None)
@@ -103,32 +101,13 @@ class RequestTracker:
             return why
         return None
 
-    def _add_timeout(self, d: Deferred, what: str) -> None:
-        if self.timeout is None:
-            return
-        timeout = self.timeout
-
-        def timed_out(result: Any, _timeout: float) -> Any:
-            if isinstance(result, Failure) and result.check(CancelledError):
-                raise Timeout(f"no reply to {what} within {timeout:g}s")
-            return result
-
-        d.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
-
     def raw_request(self, request: dict) -> Deferred[dict]:
         """Send one request (its id is assigned here); fire with the reply as it came."""
         if self._closed is not None:
             return fail(self._closed)
-        rid = self._new_id()
         frame = dict(request)
-        frame["id"] = rid
-        try:
-            payload = self._encode(frame)
-        except Exception:
-            return fail()
-        d = self._register(rid)
-        self._add_timeout(d, str(frame.get("op")))
-        why = self._transmit(payload, d)
+        frame["id"], d = self._expect(str(frame.get("op")))
+        why = self._transmit(frame, d)
         return d if why is None else fail(why)
 
     def request(self, op: str, **args: Any) -> Deferred[dict]:
@@ -149,39 +128,37 @@ class RequestTracker:
         for request in requests:
             if not isinstance(request, dict):
                 return fail(TypeError(f"a request must be a dict, not {request!r}"))
-            item = dict(request)
-            item["id"] = self._new_id()
-            frame.append(item)
+            frame.append(dict(request))
         if not frame:
             return succeed([])
-        try:
-            payload = self._encode(frame)
-        except Exception:
-            return fail()
-        ids = [item["id"] for item in frame]
-        replies: list[Any] = [None] * len(ids)
-        remaining = [len(ids)]
+        what = f"a batch of {len(frame)}"
+        parts = []
+        for item in frame:
+            item["id"], part = self._expect(what)
+            parts.append(part)
+        replies: list[Any] = [None] * len(parts)
+        remaining = [len(parts)]
 
-        def forget(_: Deferred) -> None:
-            for rid in ids:
-                self._pending.pop(rid, None)
+        def stop_waiting(_: object = None) -> None:
+            for part in parts:
+                part.cancel()  # a part already answered ignores this
 
-        batch_d: Deferred[list[dict]] = Deferred(forget)
+        batch_d: Deferred[list[dict]] = Deferred(stop_waiting)
 
         def got(reply: dict, index: int) -> None:
             replies[index] = reply
             remaining[0] -= 1
-            if remaining[0] == 0 and not batch_d.called:
+            if remaining[0] == 0:
                 batch_d.callback(replies)
 
         def failed(reason: Failure) -> None:
             if not batch_d.called:
                 batch_d.errback(reason)
+                stop_waiting()
 
-        for index, rid in enumerate(ids):
-            self._register(rid).addCallbacks(got, failed, callbackArgs=(index,))
-        self._add_timeout(batch_d, f"a batch of {len(ids)}")
-        why = self._transmit(payload, batch_d)
+        for index, part in enumerate(parts):
+            part.addCallbacks(got, failed, callbackArgs=(index,))
+        why = self._transmit(frame, batch_d)
         return batch_d if why is None else fail(why)
 
     def frame_received(self, payload: bytes, is_binary: bool) -> None:
@@ -200,16 +177,14 @@ class RequestTracker:
             return
         rid = reply.get("id")
         known = isinstance(rid, int) and not isinstance(rid, bool)
-        d = self._pending.pop(rid, None) if known else None
-        if d is None:
-            if rid is None and reply.get("ok") is False:
-                # The node could not tell which request this answers: nothing to fail.
-                _log.warn("node reported an error for no request: {error!r}",
-                          error=reply.get("error"))
-            else:
-                _log.debug("dropped a reply nobody waits for (id {id!r})", id=rid)
+        if known and self._calls.resolve(rid, reply):
             return
-        d.callback(reply)
+        if rid is None and reply.get("ok") is False:
+            # The node could not tell which request this answers: nothing to fail.
+            _log.warn("node reported an error for no request: {error!r}",
+                      error=reply.get("error"))
+        else:
+            _log.debug("dropped a reply nobody waits for (id {id!r})", id=rid)
 
     def fail_all(self, reason: Exception | Failure) -> None:
         """Fail every request in flight, and every later one, with ``reason``.
@@ -220,9 +195,7 @@ class RequestTracker:
             reason = Failure(reason)
         if self._closed is None:
             self._closed = reason
-        pending, self._pending = self._pending, {}
-        for d in pending.values():
-            d.errback(reason)
+        self._calls.fail_all(reason)
 
 
 def _check_reply(reply: dict) -> dict:
