@@ -21,8 +21,10 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 import swarm
 from swarm.cluster.commands import StoreCommands
@@ -76,20 +78,13 @@ def new_node_id() -> str:
     return "node-" + os.urandom(4).hex()
 
 
-def _observe(d: Deferred) -> Deferred:
-    """A new Deferred with ``d``'s result, leaving ``d``'s own chain untouched."""
-    observer: Deferred = Deferred()
-
-    def relay(result):
-        observer.callback(result)
-        return result
-
-    d.addBoth(relay)
-    return observer
-
-
 class _Listener(Service):
-    """Listens on the node's endpoint; on stop, closes the port and every connection."""
+    """Listens on the node's endpoint; on stop, closes the port and every connection.
+
+    A listen that fails at once (a busy port) fails the start. One that fails later (an
+    endpoint whose Deferred fails after ``listen`` returns) comes too late for that: it
+    is logged as critical and fails :meth:`when_listening`, never taken for success.
+    """
 
     def __init__(self, endpoint: IStreamServerEndpoint, site, factories, clock) -> None:
         self.endpoint = endpoint
@@ -97,22 +92,60 @@ class _Listener(Service):
         self.factories = factories
         self.clock = clock
         self.port: IListeningPort | None = None
+        #: Why the endpoint does not listen, once it has said so.
+        self.failure: Failure | None = None
         self.listening: Deferred | None = None
+        self._waiting: list[Deferred] = []
 
     def privilegedStartService(self) -> None:
         # Listen here, before twistd drops privileges and starts the reactor, so a
         # port already in use fails the start at once with CannotListenError.
         super().privilegedStartService()
+        self.failure = None
         self.listening = self.endpoint.listen(self.site)
-        failed = []
-        self.listening.addCallbacks(self._listened, failed.append)
-        if failed:
-            failed[0].raiseException()
+        self.listening.addCallbacks(self._listened, self._not_listening)
+        if self.failure is not None:
+            self.failure.raiseException()
 
-    def _listened(self, port: IListeningPort) -> IListeningPort:
+    def _listened(self, port: IListeningPort) -> None:
         self.port = port
         _log.info("listening on {address}", address=port.getHost())
-        return port
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port)
+
+    def _not_listening(self, failure: Failure) -> None:
+        self.failure = failure
+        # Not running yet: the start raises it. Not running any more: a stop cancelled it.
+        if self.running:
+            address, reason = self.explain(failure)
+            _log.critical("cannot listen on {address}: {reason}",
+                          address=address or self.endpoint, reason=reason)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+
+    @staticmethod
+    def explain(failure: Failure) -> tuple[str | None, str]:
+        """(address, reason) of a failure to listen, as an operator reads them; the
+        address is None when the failure names none (tcp:99999 fails in bind())."""
+        e = failure.value
+        if isinstance(e, CannotListenError):
+            address = e.port if e.interface is None else f"{e.interface or '*'}:{e.port}"
+            return str(address), str(getattr(e.socketError, "strerror", None) or e.socketError)
+        return None, failure.getErrorMessage()
+
+    def when_listening(self) -> Deferred:
+        """The port once it listens, or the failure that says it will not."""
+        if self.port is not None:
+            return succeed(self.port)
+        if self.failure is not None:
+            return fail(self.failure)
+        if self.listening is None:
+            raise RuntimeError("the node is not started")
+        waiting: Deferred = Deferred()
+        self._waiting.append(waiting)
+        return waiting
 
     def startService(self) -> None:
         if self.listening is None:
@@ -121,7 +154,9 @@ class _Listener(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        port, self.port, self.listening = self.port, None, None
+        if self.listening is not None and self.port is None and self.failure is None:
+            self.listening.cancel()  # still trying: the stop ends that
+        port, self.port, self.listening, self.failure = self.port, None, None, None
         stopped = maybeDeferred(port.stopListening) if port else succeed(None)
         return DeferredList([stopped, self._close_connections()])
 
@@ -280,12 +315,12 @@ class SwarmNode(MultiService, CacheOps):
             await deferLater(self.reactor, 0.01, lambda: None)
 
     def when_listening(self) -> Deferred:
-        """Fires with the IListeningPort once the node listens (start it first)."""
-        if self._listener.port is not None:
-            return succeed(self._listener.port)
-        if self._listener.listening is None:
-            raise RuntimeError("the node is not started")
-        return _observe(self._listener.listening)
+        """Fires with the client IListeningPort once the node listens on all its
+        endpoints (start it first); fails as soon as one cannot, even late."""
+        listeners = dict.fromkeys([self._listener, self._peer_listener])
+        every = DeferredList([listener.when_listening() for listener in listeners],
+                             fireOnOneErrback=True, consumeErrors=True)
+        return every.addCallbacks(lambda ports: ports[0][1], lambda f: f.value.subFailure)
 
     @property
     def url(self) -> str:
