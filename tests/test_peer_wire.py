@@ -1,17 +1,24 @@
-"""Unit tests of swarm.mesh.peer_wire: peer frames and the hello check."""
+"""Unit tests of swarm.mesh.peer_wire: peer frames, their bounds and the hello check;
+and, through a real node, that a peer's hostile numbers close only its own link."""
 
 from __future__ import annotations
 
 import cbor2
 import pytest
+import pytest_twisted
 
 from swarm.mesh.membership import Announcement
 from swarm.mesh.peer_wire import (
+    CLOSE_PROTOCOL_ERROR,
     FRAME_TARGET,
+    MAX_COUNTER,
+    MAX_HOPS,
     MAX_PEER_MESSAGE,
+    MAX_REQUEST_MS,
     PROTOCOL_VERSION,
     PeerProtocolError,
     check_hello,
+    check_messages,
     decode_peer_frame,
     encode_peer_frame,
     frames_of,
@@ -85,7 +92,7 @@ def test_unknown_message_types_are_refused(msg):
         decode(msg)
 
 
-BAD_INTS = [-1, True, False, 1.5, 1.0, "1", None, [1]]
+BAD_INTS = [-1, True, False, 1.5, 1.0, "1", None, [1], MAX_COUNTER + 1, 10**400]
 
 
 def _bad(base: dict, required: dict[str, list], optional: dict[str, list] = {}):
@@ -111,8 +118,8 @@ BAD_MESSAGES = (
     })
     + _bad(REQ, {
         "rid": BAD_INTS,
-        "ms": BAD_INTS,
-        "hops": BAD_INTS,
+        "ms": BAD_INTS + [MAX_REQUEST_MS + 1],
+        "hops": BAD_INTS + [MAX_HOPS + 1],
         "req": [None, [], "ping", 1],
     }, {"to": ["", 1, None, ["n1"], b"n1"]})
     + _bad(REP, {"rid": BAD_INTS, "rep": [None, [], "ok", True]})
@@ -137,6 +144,29 @@ def test_good_messages_with_extra_fields_and_large_numbers_pass():
     )
     assert [m["t"] for m in msgs] == ["hello", "req", "rep"]
     assert msgs[1]["to"] == "n3" and msgs[1]["ms"] == 0
+
+
+def test_numbers_at_their_bounds_pass():
+    (req, rep, hi) = decode(dict(REQ, rid=MAX_COUNTER, ms=MAX_REQUEST_MS, hops=MAX_HOPS),
+                            dict(REP, rid=MAX_COUNTER), dict(HELLO, inc=MAX_COUNTER))
+    assert (req["ms"], req["hops"], rep["rid"], hi["inc"]) == (
+        MAX_REQUEST_MS, MAX_HOPS, MAX_COUNTER, MAX_COUNTER)
+
+
+@pytest.mark.parametrize("field,bound", [("ms", MAX_REQUEST_MS), ("hops", MAX_HOPS),
+                                         ("rid", MAX_COUNTER)])
+def test_a_number_past_its_bound_is_refused_with_the_bound_named(field, bound):
+    with pytest.raises(PeerProtocolError, match=f"req.{field} must be an integer from 0 to {bound}"):
+        decode(dict(REQ, **{field: bound + 1}))
+
+
+def test_check_messages_validates_without_cbor_and_leaves_its_input_alone():
+    lsa = {"t": "lsa", "anns": [dict(ANN)]}
+    checked = check_messages([dict(REQ), lsa])
+    assert checked == [REQ, {"t": "lsa", "anns": [Announcement("n1", 12, 3, ("n2",))]}]
+    assert lsa == LSA  # a sender's messages are not rewritten under it
+    with pytest.raises(PeerProtocolError):
+        check_messages([dict(REQ, ms=-1)])
 
 
 def test_hello_builds_a_hello_that_passes_its_own_checks():
@@ -216,3 +246,33 @@ def test_frames_of_replaces_a_message_too_large_for_any_peer():
     # or dropped altogether when the replacement is None
     frames = list(frames_of([_rep(6, 10), huge], lambda m, n: None))
     assert [m["rid"] for f in frames for m in decode_peer_frame(f, True)] == [6]
+
+
+# -- through a real node: a hostile peer closes only its own link -------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_request_with_a_huge_deadline_closes_its_link_and_the_node_serves_on():
+    """A req with ``ms`` past a float once raised OverflowError out of Autobahn's
+    onMessage; now the frame is a protocol error, the link closes with 4001, and the
+    node goes on serving."""
+    import websockets
+    from conftest import on_asyncio, start_node
+
+    node = await start_node(node_id="target")
+    try:
+        async def hostile_peer() -> tuple[int, str]:
+            async with websockets.connect(node.url + "/peer", open_timeout=5) as ws:
+                await ws.send(encode_peer_frame([hello("hostile", "swarmcache", 1)]))
+                await ws.send(encode_peer_frame([dict(REQ, ms=10**400)]))
+                with pytest.raises(websockets.ConnectionClosedError):
+                    async for _ in ws:  # the node's hello and lsa, then the close
+                        pass
+                return ws.close_code, ws.close_reason
+
+        code, reason = await on_asyncio(hostile_peer())
+        assert code == CLOSE_PROTOCOL_ERROR and "req.ms" in reason
+        assert node.overlay.neighbors == []
+        assert await node.set("k", 1) is True and await node.get("k") == 1
+    finally:
+        await node.stopService()

@@ -11,6 +11,21 @@ so batching many messages in one frame costs nothing extra. Each message has a t
 ``rep``    ``rid``, ``rep`` (the reply to the ``req`` with that ``rid`` on this link)
 
 A malformed frame or message raises :class:`PeerProtocolError`; the link is closed.
+Numbers are bounded, so nothing a peer sends overflows a timer or a float: ``ms`` at
+most :data:`MAX_REQUEST_MS` (a day), ``hops`` at most :data:`MAX_HOPS`, ``rid`` and
+``inc`` below 2**64.
+
+Close codes (WebSocket application range; the reason says more):
+
+``1001``  the node is shutting down
+``1009``  a frame larger than :data:`MAX_PEER_MESSAGE` (Autobahn's own code)
+``4000``  refused at hello: another swarm, another protocol version, this node's own id,
+          or a first message that is not hello
+``4001``  protocol error: a frame or message that is malformed, or a second hello
+``4002``  duplicate id: the hello names a node that is already live in the swarm with
+          another incarnation (reachable through another link, or linked directly);
+          the node so refused reports it (``Overlay.conflict``, ``/health`` 503)
+``4003``  this node failed while handling a peer's message (a bug: see its log)
 """
 
 from __future__ import annotations
@@ -27,6 +42,15 @@ PROTOCOL_VERSION = 1
 #: WebSocket close codes a node uses on peer links (application range 4000-4999).
 CLOSE_REFUSED = 4000
 CLOSE_PROTOCOL_ERROR = 4001
+CLOSE_DUPLICATE_ID = 4002
+CLOSE_INTERNAL_ERROR = 4003
+
+#: The longest time left a forwarded request may carry (one day; requests time out in
+#: seconds), and the most hops it may have left (the router starts at 32).
+MAX_REQUEST_MS = 24 * 3600 * 1000
+MAX_HOPS = 255
+#: Request tags and incarnations are counters and milliseconds: far below this.
+MAX_COUNTER = 2**64 - 1
 
 
 class PeerProtocolError(Exception):
@@ -95,13 +119,13 @@ def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
         raise PeerProtocolError(f"undecodable peer frame: {e}") from None
     if not isinstance(messages, list):
         raise PeerProtocolError("a peer frame is an array of messages")
-    return [_check(m) for m in messages]
+    return check_messages(messages)
 
 
-def _int(msg: dict, name: str) -> int:
+def _int(msg: dict, name: str, maximum: int = MAX_COUNTER) -> int:
     v = msg.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise PeerProtocolError(f"{msg.get('t')}.{name} must be a non-negative integer")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= maximum:
+        raise PeerProtocolError(f"{msg.get('t')}.{name} must be an integer from 0 to {maximum}")
     return v
 
 
@@ -119,6 +143,16 @@ def _str(msg: dict, name: str) -> str:
     return v
 
 
+def check_messages(messages: list) -> list[dict]:
+    """Validate decoded peer messages (what :func:`decode_peer_frame` does after CBOR),
+    for whoever carries messages without frames, such as an in-memory simulator.
+
+    The input is left as it is: an ``lsa`` comes back as a new map whose ``anns`` are
+    :class:`~swarm.mesh.membership.Announcement` objects.
+    """
+    return [_check(m) for m in messages]
+
+
 def _check(msg: Any) -> dict:
     if not isinstance(msg, dict):
         raise PeerProtocolError("a peer message is a map")
@@ -130,11 +164,12 @@ def _check(msg: Any) -> dict:
         if not isinstance(anns, list):
             raise PeerProtocolError("lsa.anns must be an array")
         try:
-            msg["anns"] = [Announcement.from_wire(a) for a in anns]
+            msg = dict(msg, anns=[Announcement.from_wire(a) for a in anns])
         except ValueError as e:
             raise PeerProtocolError(str(e)) from None
     elif t == "req":
-        _int(msg, "rid"), _int(msg, "ms"), _int(msg, "hops"), _map(msg, "req")
+        _int(msg, "rid"), _int(msg, "ms", MAX_REQUEST_MS), _int(msg, "hops", MAX_HOPS)
+        _map(msg, "req")
         if "to" in msg:
             _str(msg, "to")
     elif t == "rep":
