@@ -13,7 +13,6 @@ The embedding methods run through the same validation and router as network requ
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -23,42 +22,36 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 import swarm
-from swarm.cluster.commands import StoreCommands
-from swarm.cluster.placement import Placement
-from swarm.cluster.rebalance import Rebalancer
-from swarm.cluster.router import DEFAULT_REQUEST_TIMEOUT, QueryRouter
 from swarm.edge.protocol import ClientFactory, FrameHandler
 from swarm.edge.web import build_site
-from swarm.errors import SwarmError, error_from_wire
 from swarm.logs import logger
 from swarm.mesh.dialer import Upstream
-from swarm.mesh.overlay import Overlay
 from swarm.mesh.protocol import PeerServerFactory
+from swarm.node.config import (  # noqa: F401 (the defaults are tap.py's too)
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_VALUE_SIZE,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SWARM,
+    NodeConfig,
+)
+from swarm.node.core import NodeCore
 from swarm.protocol.api import CacheOps
-from swarm.protocol.wire import Limits, RequestParser
-from swarm.store.memory import IStore, MemoryStore
+from swarm.store.interface import IStore
 
 _log = logger(__name__)
 
-DEFAULT_PORT = "tcp:8765:interface=127.0.0.1"
-DEFAULT_MAX_MEMORY = 128 * 1024 * 1024
-DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
-DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 #: How often the store's active expiry runs, and how much it may do per run.
 SWEEP_INTERVAL = 0.1
 SWEEP_LIMIT = 500
 #: How long a stopping node waits for clients to acknowledge its close.
 CLOSE_GRACE = 2.0
-#: How long a stopping node may spend handing its entries to their next owners.
-HANDOFF_GRACE = 5.0
-DEFAULT_SWARM = "swarmcache"
-#: Peer links are pinged this often; a peer silent for interval + timeout is dropped.
-DEFAULT_PING_INTERVAL = 1.0
-DEFAULT_PING_TIMEOUT = 2.0
 
 
 def endpoint_description(port: str | int) -> str:
@@ -72,10 +65,6 @@ def _endpoint(reactor, port: str | int | IStreamServerEndpoint) -> IStreamServer
     if isinstance(port, (str, int)):
         return serverFromString(reactor, endpoint_description(port))
     return port
-
-
-def new_node_id() -> str:
-    return "node-" + os.urandom(4).hex()
 
 
 class _Listener(Service):
@@ -185,55 +174,36 @@ class SwarmNode(MultiService, CacheOps):
         port: str | int | IStreamServerEndpoint = DEFAULT_PORT,
         *,
         reactor: Any = None,
-        node_id: str | None = None,
-        swarm: str = DEFAULT_SWARM,
-        peers: tuple[str, ...] = (),
-        peer_port: str | int | IStreamServerEndpoint | None = None,
-        replicas: int = 1,
-        max_memory: int = DEFAULT_MAX_MEMORY,
-        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        default_ttl: float | None = None,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        ping_interval: float = DEFAULT_PING_INTERVAL,
-        ping_timeout: float = DEFAULT_PING_TIMEOUT,
-        limits: Limits = Limits(),
         store: IStore | None = None,
+        config: NodeConfig | None = None,
+        **options: Any,
     ) -> None:
+        """``options`` are :class:`~swarm.node.config.NodeConfig` fields (``node_id``,
+        ``peers``, ``replicas``, ...), or give a whole ``config`` instead."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.node_id = node_id or new_node_id()
-        self.replicas = replicas
-        self.store = store if store is not None else MemoryStore(
-            reactor, max_memory=max_memory, max_value_bytes=max_value_size
-        )
-        self.parser = RequestParser(limits)
-        self.overlay = Overlay(
-            self.node_id, swarm, int(reactor.seconds() * 1000), reactor,
-            on_view_change=self._view_changed,
-        )
-        self.router = QueryRouter(
-            self.node_id, StoreCommands(self.store, default_ttl), self._stats,
-            self.overlay, replicas=replicas, request_timeout=request_timeout,
-        )
-        self.rebalancer = Rebalancer(
-            self.node_id, self.store, lambda: self.router.placement,
-            self.router.send_to, reactor,
-        )
+        self.config = config = config if config is not None else NodeConfig(port=port, **options)
+        self.core = core = NodeCore(config, reactor, store=store)
+        core.extra_stats = self._node_stats
+        # The parts, by their names (tests and embedding applications look at them).
+        self.node_id, self.replicas = config.node_id, config.replicas
+        self.store, self.parser = core.store, core.parser
+        self.overlay, self.router, self.rebalancer = core.overlay, core.router, core.rebalancer
         self.client_factory = ClientFactory(
-            FrameHandler(self.parser, self.router), max_message_size
+            FrameHandler(self.parser, self.router), config.max_message_size
         )
-        self.peer_factory = PeerServerFactory(self.overlay, ping_interval, ping_timeout)
+        self._ping = (config.ping_interval, config.ping_timeout)
+        self.peer_factory = PeerServerFactory(self.overlay, *self._ping)
         peer_resource = WebSocketResource(self.peer_factory)
         factories: list = [self.client_factory, self.peer_factory]
-        self._ping = (ping_interval, ping_timeout)
         self.upstreams: list[Upstream] = []
         # With a peer port, peers use only that one: the client port can face users
         # while the peer port stays behind a firewall.
+        peer_port = config.peer_port
         self._listener = _Listener(
-            _endpoint(reactor, port),
+            _endpoint(reactor, config.port),
             build_site(
                 self.client_factory, None if peer_port else peer_resource, self._health
             ),
@@ -247,7 +217,7 @@ class SwarmNode(MultiService, CacheOps):
                 build_site(None, peer_resource, self._health), [], reactor,
             )
             self._peer_listener.setServiceParent(self)
-        for url in peers:
+        for url in config.peers:
             self.add_peer(url)
         sweeper = TimerService(SWEEP_INTERVAL, self.store.sweep, SWEEP_LIMIT)
         sweeper.clock = reactor
@@ -263,22 +233,12 @@ class SwarmNode(MultiService, CacheOps):
         upstream.setServiceParent(self)
         return upstream
 
-    def _view_changed(self) -> None:
-        self.router.view_changed()
-        membership = self.overlay.membership
-        _log.info(
-            "view of {node}: nodes reachable {count}, holding keys {owners}",
-            node=self.node_id, count=len(membership.reachable),
-            owners=len(membership.owners),
-        )
-        self.rebalancer.schedule()
-
     # -- lifecycle --------------------------------------------------------------------
 
     def startService(self) -> None:
         self._started_at = self.reactor.seconds()
         self._stopping = False
-        self.overlay.leave(False)  # started again after a stop: an owner once more
+        self.core.rejoin()  # started again after a stop: an owner once more
         super().startService()
         _log.info(
             "swarmcache {version} node {node} started", version=swarm.__version__,
@@ -289,30 +249,7 @@ class SwarmNode(MultiService, CacheOps):
         """Hand this node's entries to their next owners, then close everything."""
         _log.info("node {node} stopping", node=self.node_id)
         self._stopping = True
-        # First leave placement everywhere (new writes go to the next owners), then
-        # hand over: the announcement travels ahead of the handoff on every path.
-        self.overlay.leave()
-        self.rebalancer.stop()
-        others = self.overlay.membership.owners - {self.node_id}
-        if others:
-            handoff = self.rebalancer.run(Placement(others, self.replicas))
-            handoff.addTimeout(HANDOFF_GRACE, self.reactor)
-            handoff.addErrback(
-                lambda f: _log.warn("handoff incomplete: {e}", e=f.getErrorMessage())
-            )
-        else:
-            handoff = succeed(None)
-        handoff.addCallback(
-            lambda _: Deferred.fromCoroutine(
-                self._drain(self.reactor.seconds() + HANDOFF_GRACE)
-            )
-        )
-        return handoff.addCallback(lambda _: MultiService.stopService(self))
-
-    async def _drain(self, deadline: float) -> None:
-        """Let requests already travelling through this node finish (until deadline)."""
-        while self.overlay.busy and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.01, lambda: None)
+        return self.core.leave().addCallback(lambda _: MultiService.stopService(self))
 
     def when_listening(self) -> Deferred:
         """Fires with the client IListeningPort once the node listens on all its
@@ -336,23 +273,16 @@ class SwarmNode(MultiService, CacheOps):
 
     def request(self, op: str, **args: Any) -> Deferred:
         """Run one op in-process, validated and routed as if it came from a client."""
-        try:
-            req = self.parser.parse({"id": 0, "op": op, **args})
-        except SwarmError as e:
-            return fail(e)
-        return maybeDeferred(self.router.handle, req).addCallback(_results)
+        return self.core.request(op, **args)
 
     # -- reports ----------------------------------------------------------------------
 
-    def _stats(self) -> dict:
-        stats = {"node": self.node_id, "version": swarm.__version__}
-        stats.update(self.store.stats())
-        stats["uptime_s"] = round(self.reactor.seconds() - (self._started_at or 0), 3)
-        stats["peers"] = len(self.overlay.neighbors)
-        stats["peer_links"] = self.overlay.link_count()  # spares included
-        stats["swarm_nodes"] = len(self.overlay.membership.reachable)
-        stats["connections"] = len(self.client_factory.connections)
-        return stats
+    def _node_stats(self) -> dict:
+        return {
+            "version": swarm.__version__,
+            "uptime_s": round(self.reactor.seconds() - (self._started_at or 0), 3),
+            "connections": len(self.client_factory.connections),
+        }
 
     def _health(self) -> tuple[bool, dict]:
         serving = bool(self.running) and not self._stopping and self._listener.port is not None
@@ -366,9 +296,3 @@ class SwarmNode(MultiService, CacheOps):
 def _ws_url(listener: _Listener) -> str:
     host = listener.port.getHost()
     return f"ws://{host.host}:{host.port}"
-
-
-def _results(reply: dict) -> dict:
-    if reply["ok"]:
-        return reply
-    raise error_from_wire(reply["error"])

@@ -1,0 +1,145 @@
+"""NodeCore: everything a node is but its sockets.
+
+The store, the overlay (peer links and membership), the query router and the rebalancer,
+wired together on an injected clock. :class:`~swarm.node.node.SwarmNode` adds listeners,
+dialers and timers around one; the in-memory simulator (:mod:`swarm.simulator`) joins
+many with in-memory links on one ``task.Clock``. Time comes from three sources, each
+injected: ``clock`` schedules timers, ``monotonic`` counts TTLs down (so a wall-clock
+step changes no TTL) and ``wall`` feeds the hybrid logical clock that versions writes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import deferLater
+
+from swarm.cluster.commands import StoreCommands
+from swarm.cluster.placement import Placement
+from swarm.cluster.rebalance import Rebalancer
+from swarm.cluster.router import QueryRouter
+from swarm.errors import SwarmError, error_from_wire
+from swarm.logs import logger
+from swarm.mesh.overlay import Overlay
+from swarm.node.config import NodeConfig
+from swarm.protocol.entry import HybridClock
+from swarm.protocol.wire import RequestParser
+from swarm.store.interface import IStore
+from swarm.store.memory import MemoryStore
+
+_log = logger(__name__)
+
+#: How long a stopping node may spend handing its entries to their next owners, and
+#: then waiting for requests travelling through it to finish.
+HANDOFF_GRACE = 5.0
+
+
+class MonotonicClock:
+    """``seconds()`` that never jumps with the wall clock: what TTLs count down on."""
+
+    seconds = staticmethod(time.monotonic)
+
+
+class NodeCore:
+    def __init__(
+        self,
+        config: NodeConfig,
+        clock,
+        wall: Callable[[], float] = time.time,
+        monotonic=None,
+        store: IStore | None = None,
+    ) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.clock = clock
+        self.hlc = HybridClock(config.node_id, wall)
+        self.store = store if store is not None else MemoryStore(
+            monotonic if monotonic is not None else MonotonicClock(),
+            max_memory=config.max_memory,
+            max_value_bytes=config.max_value_size,
+            hlc=self.hlc,
+        )
+        self.parser = RequestParser(config.limits)
+        self.overlay = Overlay(
+            config.node_id, config.swarm, int(wall() * 1000), clock,
+            on_view_change=self._view_changed,
+        )
+        self.router = QueryRouter(
+            config.node_id, StoreCommands(self.store, config.default_ttl), self.stats,
+            self.overlay, replicas=config.replicas, request_timeout=config.request_timeout,
+        )
+        self.rebalancer = Rebalancer(
+            config.node_id, self.store, lambda: self.router.placement,
+            self.router.send_to, clock,
+        )
+        #: More figures for ``stats`` (the node adds its connections, uptime...).
+        self.extra_stats: Callable[[], dict] = dict
+
+    def _view_changed(self) -> None:
+        self.router.view_changed()
+        membership = self.overlay.membership
+        _log.info(
+            "view of {node}: nodes reachable {count}, holding keys {owners}",
+            node=self.node_id, count=len(membership.reachable),
+            owners=len(membership.owners),
+        )
+        self.rebalancer.schedule()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def rejoin(self) -> None:
+        """Own keys again (after a stop, the same core started again)."""
+        self.overlay.leave(False)
+
+    def leave(self) -> Deferred:
+        """Leave placement everywhere, hand every entry to its next owner, then let
+        requests already travelling through this node finish (each within
+        HANDOFF_GRACE). The links stay up: the caller closes them afterwards."""
+        # The announcement travels ahead of the handoff on every path, so new writes
+        # already go to the next owners while the entries are on their way.
+        self.overlay.leave()
+        self.rebalancer.stop()
+        others = self.overlay.membership.owners - {self.node_id}
+        if others:
+            handoff = self.rebalancer.run(Placement(others, self.config.replicas))
+            handoff.addTimeout(HANDOFF_GRACE, self.clock)
+            handoff.addErrback(
+                lambda f: _log.warn("handoff incomplete: {e}", e=f.getErrorMessage())
+            )
+        else:
+            handoff = succeed(None)
+        return handoff.addCallback(
+            lambda _: Deferred.fromCoroutine(self._drain(self.clock.seconds() + HANDOFF_GRACE))
+        )
+
+    async def _drain(self, deadline: float) -> None:
+        while self.overlay.busy and self.clock.seconds() < deadline:
+            await deferLater(self.clock, 0.01, lambda: None)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def request(self, op: str, **args: Any) -> Deferred:
+        """Run one op in-process, validated and routed as if it came from a client;
+        fires with the success reply or fails with the SwarmError."""
+        try:
+            req = self.parser.parse({"id": 0, "op": op, **args})
+        except SwarmError as e:
+            return fail(e)
+        return maybeDeferred(self.router.handle, req).addCallback(_results)
+
+    def stats(self) -> dict:
+        stats: dict[str, Any] = {"node": self.node_id}
+        stats.update(self.store.stats())
+        stats["peers"] = len(self.overlay.neighbors)
+        stats["peer_links"] = self.overlay.link_count()  # spares included
+        stats["swarm_nodes"] = len(self.overlay.membership.reachable)
+        stats.update(self.extra_stats())
+        return stats
+
+
+def _results(reply: dict) -> dict:
+    if reply["ok"]:
+        return reply
+    raise error_from_wire(reply["error"])
