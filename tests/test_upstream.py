@@ -16,6 +16,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from swarm.mesh.dialer import RetryPolicy, Upstream, peer_endpoint_description
+from swarm.mesh.overlay import Overlay
+from swarm.mesh.peer_wire import CLOSE_DUPLICATE_ID, hello
+from swarm.mesh.session import PeerSession
 
 TOP = lambda: 1.0  # noqa: E731  the jitter at its ceiling
 BOTTOM = lambda: 0.0  # noqa: E731  the jitter at its floor
@@ -122,6 +125,36 @@ def test_with_client_service_handshake_failures_back_off_until_a_link_is_up():
     assert retry.getTime() - clock.seconds() == 1.0
     service.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_only_a_peer_that_accepted_this_node_resets_the_backoff():
+    """This node accepts the peer's hello before it knows whether the peer accepts its
+    own: a peer that then refuses it (a duplicate id) must count as a failed handshake,
+    or a refused node would redial every half second for ever."""
+    clock = task.Clock()
+    upstream = SimpleNamespace(url="ws://hub:1", peer_id=None,
+                               policy=RetryPolicy(initial=0.5, maximum=30.0, rng=TOP))
+    overlay = Overlay("dup", "s", 2, clock)
+
+    def dial() -> PeerSession:
+        session = PeerSession(
+            overlay, lambda messages: None, lambda code, reason: None,
+            on_linked=lambda link: Upstream._linked(upstream, link),
+            on_failed=lambda reason: Upstream._handshake_failed(upstream, reason),
+        )
+        session.start()
+        session.received([hello("hub", "s", 1)])
+        return session
+
+    for refusals in (1, 2, 3):
+        dial().connection_lost("node id 'dup' is already live", CLOSE_DUPLICATE_ID)
+        assert upstream.policy.handshake_failures == refusals and upstream.peer_id is None
+    assert upstream.policy(1) == 8.0
+    accepted = dial()
+    accepted.received([{"t": "lsa", "anns": []}])  # the hub's answer: it accepted us
+    assert upstream.peer_id == "hub" and upstream.policy.handshake_failures == 0
+    accepted.connection_lost("closed (1006)", 1006)  # a link lost later is no refusal
+    assert upstream.policy.handshake_failures == 0
 
 
 # -- peer URLs ---------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 ``ClientService`` counts only failed TCP connects, and starts again from zero on every
 connect, so a peer that accepts TCP but fails or refuses the WebSocket handshake would
 be redialled every couple of seconds forever. The policy here also counts handshake
-failures and resets only once a link is really up (hello accepted), with exponential
-backoff and jitter so a swarm restarting at once does not redial in lockstep.
+failures and resets only once a link is really up (the peer accepted this node's hello),
+with exponential backoff and jitter so a swarm restarting at once does not redial in
+lockstep. A node refused because its id is still live in the swarm (a restart before its
+old links were noticed dead) keeps trying on that backoff, and rejoins once they are.
 """
 
 from __future__ import annotations
@@ -102,5 +104,5 @@ class Upstream(ClientService):
 
     def _handshake_failed(self, reason: str) -> None:
         self.policy.handshake_failures += 1
-        _log.warn("link to {url} failed before hello: {reason}", url=self.url,
+        _log.warn("link to {url} failed before it was accepted: {reason}", url=self.url,
                   reason=reason)

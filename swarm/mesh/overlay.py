@@ -9,6 +9,12 @@ Two nodes that dial each other end up with two connections but one link: message
 neighbor always go over its oldest live connection, the other stays idle as a spare, so
 nothing is closed and nothing flaps. Each connection has its own request tags, and a
 reply goes back on the connection its request came in on.
+
+Identity: a node id is one live node. A hello naming a node that is reachable in this
+node's view, or linked directly, with another incarnation than the hello says is
+refused (:meth:`Overlay.identity_conflict`); a restarted node whose old links have died
+is no longer live, so it is accepted when its dialler tries again. A node whose own id
+is refused so records it in :attr:`Overlay.conflict` until a peer accepts it again.
 """
 
 from __future__ import annotations
@@ -42,18 +48,23 @@ class Overlay:
     ) -> None:
         self.node_id = node_id
         self.swarm_name = swarm_name
-        self.incarnation = incarnation
         self.clock = clock
         self.membership = Membership(node_id, incarnation)
         self.on_view_change = on_view_change
         self.handle_request: RequestHandler | None = None
         self._links: dict[str, list[PeerLink]] = {}
+        #: The incarnation each directly linked neighbor gave in its hello.
+        self._incarnations: dict[str, int] = {}
+        #: Why the swarm refused this node's id (another live node has it), or None.
+        self.conflict: str | None = None
         self._serving = 0  # forwarded requests received and not yet answered
 
     # -- links ------------------------------------------------------------------------
 
     def hello(self) -> dict:
-        return hello(self.node_id, self.swarm_name, self.incarnation)
+        # the incarnation this node announces: after answering a stale announcement of
+        # its previous life (a clock that went back) that is the one peers hold
+        return hello(self.node_id, self.swarm_name, self.membership.own.incarnation)
 
     @property
     def neighbors(self) -> list[str]:
@@ -62,12 +73,17 @@ class Overlay:
     def link_count(self) -> int:
         return sum(len(v) for v in self._links.values())
 
-    def link_up(self, link: PeerLink) -> None:
+    def link_up(self, link: PeerLink, incarnation: int | None = None) -> None:
+        """A connection's hello was accepted; ``incarnation`` is the one it gave."""
         links = self._links.setdefault(link.peer, [])
         links.append(link)
         if len(links) > 1:
             _log.info("spare link to {peer} (it is already linked)", peer=link.peer)
+            # every accepted hello is answered, so the peer knows it was accepted
+            link.send([{"t": "lsa", "anns": []}])
             return
+        if incarnation is not None:
+            self._incarnations[link.peer] = incarnation
         _log.info("link to {peer} up", peer=link.peer)
         link.send([{"t": "lsa", "anns": self._wire(self.membership.announcements())}])
         self._links_changed()
@@ -81,8 +97,44 @@ class Overlay:
         if links:
             return
         del self._links[link.peer]
+        self._incarnations.pop(link.peer, None)
         _log.info("link to {peer} down: {reason}", peer=link.peer, reason=reason)
         self._links_changed()
+
+    def identity_conflict(self, node: str, incarnation: int) -> str | None:
+        """Why a hello from ``node`` with ``incarnation`` names a node already live
+        elsewhere, or None to accept it.
+
+        Live means reachable in this node's view (its announcement's incarnation
+        counts), or linked directly on another connection whose announcement has not
+        arrived yet (its hello's incarnation counts). The same incarnation is the same
+        node: a spare connection, or a second link of the same process.
+        """
+        if node in self.membership.reachable:
+            live = next(a.incarnation for a in self.membership.announcements()
+                        if a.node == node)
+        else:
+            live = self._incarnations.get(node)
+        if live is None or live == incarnation:
+            return None
+        return (f"node id {node!r} is already live in the swarm (incarnation {live}, "
+                f"the hello says {incarnation})")
+
+    def refused_as_duplicate(self, peer: str, reason: str) -> None:
+        """``peer`` refused this node's id: another live node has it."""
+        self.conflict = reason
+        _log.error(
+            "{peer} refused this node's id {node}: {reason}. Another live node runs "
+            "with the same --node-id; give one of them another id",
+            peer=peer, node=self.node_id, reason=reason,
+        )
+
+    def link_accepted(self, link: PeerLink) -> None:
+        """``link``'s peer showed that it accepted this node's hello."""
+        if self.conflict is not None:
+            _log.info("{peer} accepts this node's id {node}: the conflict is over",
+                      peer=link.peer, node=self.node_id)
+            self.conflict = None
 
     def _links_changed(self) -> None:
         before = self._view()

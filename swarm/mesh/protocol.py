@@ -1,10 +1,10 @@
 """Peer WebSocket protocols: the accepting side (at ``/peer``) and the dialling side.
 
-Thin adapters: they exchange ``hello`` messages, refuse a peer whose swarm, protocol
-version or id does not fit (closing with a logged reason), then hand every decoded
-message to the :class:`~swarm.overlay.Overlay`. Autobahn's pings watch the link: a
-peer that stops answering (killed, frozen, cut off) is dropped within
-``ping_interval + ping_timeout`` seconds.
+Thin adapters around a :class:`~swarm.mesh.session.PeerSession`: they decode each
+frame, feed the messages to the session, send what it gives them (coalesced per reactor
+turn and cut into frames of a size peers accept) and close when it says so. Autobahn's
+pings watch the link: a peer that stops answering (killed, frozen, cut off) is dropped
+within ``ping_interval + ping_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -24,19 +24,16 @@ from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.overlay import Overlay
 from swarm.mesh.peer_wire import (
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_REFUSED,
     MAX_PEER_MESSAGE,
     PeerProtocolError,
-    check_hello,
     decode_peer_frame,
     encode_message,
     frames_of,
 )
+from swarm.mesh.session import PeerSession
 from swarm.protocol.wire import error_reply
 
 _log = logger(__name__)
-
 
 
 class _PeerProtocolMixin:
@@ -47,12 +44,34 @@ class _PeerProtocolMixin:
     cost one frame per link instead of one each.
     """
 
-    link: PeerLink | None = None
+    session: PeerSession
     _outbox: list | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        factory = self.factory
+        self.session = PeerSession(
+            factory.overlay, self._send, self._close, address=self.peer,
+            on_linked=factory.linked, on_failed=factory.handshake_failed,
+        )
 
     def onOpen(self) -> None:
         self.factory.opened(self)
-        self._send([self.factory.overlay.hello()])
+        self.session.start()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            messages = decode_peer_frame(payload, isBinary)
+        except PeerProtocolError as e:
+            return self.session.protocol_error(str(e))
+        self.session.received(messages)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.closed(self)
+        self.session.connection_lost(reason or f"closed ({code})", code)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.sendClose(code=code, reason=reason)  # Autobahn cuts it to 123 bytes
 
     def _send(self, messages: list[dict]) -> None:
         if self._outbox is None:
@@ -75,41 +94,9 @@ class _PeerProtocolMixin:
         if msg["t"] == "rep":
             rid, rep = msg["rid"], msg["rep"]
             return encode_message({"t": "rep", "rid": rid, "rep": error_reply(rep.get("id"), error)})
-        if msg["t"] == "req" and self.link is not None:
-            self.link.on_reply(msg["rid"], error_reply(msg["req"].get("id"), error))
+        if msg["t"] == "req" and self.session.link is not None:
+            self.session.link.on_reply(msg["rid"], error_reply(msg["req"].get("id"), error))
         return None
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        overlay: Overlay = self.factory.overlay
-        try:
-            messages = decode_peer_frame(payload, isBinary)
-        except PeerProtocolError as e:
-            return self._refuse(CLOSE_PROTOCOL_ERROR, str(e))
-        for msg in messages:
-            if self.link is None:
-                reason = check_hello(msg, overlay.node_id, overlay.swarm_name)
-                if reason is not None:
-                    return self._refuse(CLOSE_REFUSED, reason)
-                self.link = PeerLink(msg["node"], self._send, overlay.clock)
-                overlay.link_up(self.link)
-                self.factory.linked(self.link)
-            elif msg["t"] == "lsa":
-                overlay.receive_announcements(self.link, msg["anns"])
-            elif msg["t"] == "req":
-                overlay.receive_request(self.link, msg)
-            elif msg["t"] == "rep":
-                overlay.receive_reply(self.link, msg)
-
-    def _refuse(self, code: int, reason: str) -> None:
-        _log.warn("refusing peer link with {peer}: {reason}", peer=self.peer, reason=reason)
-        self.sendClose(code=code, reason=reason[:120])
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.closed(self)
-        if self.link is not None:
-            self.factory.overlay.link_down(self.link, reason or f"closed ({code})")
-        else:
-            self.factory.handshake_failed(reason or f"closed ({code})")
 
 
 def _link_options(factory, ping_interval: float, ping_timeout: float) -> None:
@@ -152,7 +139,9 @@ class PeerServerFactory(WebSocketServerFactory, ConnectionTracker):
 
 
 class PeerClientFactory(WebSocketClientFactory, ConnectionTracker):
-    """Dials one ``--peer``; tells its upstream how each attempt went."""
+    """Dials one ``--peer``; tells its upstream how each attempt went: ``on_linked``
+    once the peer accepted this node, ``on_handshake_failed`` for a connection lost
+    before that."""
 
     protocol = PeerClientProtocol
     noisy = False  # no "Starting factory" line on every redial

@@ -285,12 +285,18 @@ class SwarmNode(MultiService, CacheOps):
         }
 
     def _health(self) -> tuple[bool, dict]:
+        """(serving, body): 503 while stopping, or while the swarm refuses this node's
+        id because another live node has it (the body says why)."""
         serving = bool(self.running) and not self._stopping and self._listener.port is not None
-        return serving, {
-            "status": "ok" if serving else "stopping",
+        conflict = self.overlay.conflict
+        body = {
+            "status": "stopping" if not serving else "conflict" if conflict else "ok",
             "node": self.node_id,
             "version": swarm.__version__,
         }
+        if conflict is not None:
+            body["reason"] = conflict
+        return serving and conflict is None, body
 
 
 def _ws_url(listener: _Listener) -> str:

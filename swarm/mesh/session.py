@@ -1,0 +1,189 @@
+"""One peer connection's handshake and dispatch, without I/O: :class:`PeerSession`.
+
+A session is fed decoded, validated peer messages (:mod:`swarm.mesh.peer_wire` decodes
+frames) and acts through what it is given: ``send(messages)``, ``close(code, reason)``
+and the node's :class:`~swarm.mesh.overlay.Overlay`. The Autobahn protocols in
+:mod:`swarm.mesh.protocol` drive one per WebSocket; tests and a simulator drive it with
+lists on a ``task.Clock``.
+
+States, each with its own handler for what arrives::
+
+    AWAIT_HELLO --hello accepted--> LINKED --refused / protocol error--> CLOSING
+         |                                                                 |
+         +--refused-----------------> CLOSING --connection_lost--> CLOSED <+
+    (connection_lost in any state ends in CLOSED)
+
+The next issues add an authentication state between AWAIT_HELLO and LINKED: a member
+of :class:`State` and an entry in ``PeerSession._handlers``.
+
+The session also learns whether the *peer* accepted this node: the peer's first message
+after its hello (the overlay always answers an accepted hello with an ``lsa``). Only
+then does it report the link as up to ``on_linked``, which resets the dialler's backoff;
+a connection lost before that counts as a failed handshake (``on_failed``), so a peer
+that refuses this node is redialled with growing delays. A peer that closes with
+:data:`~swarm.mesh.peer_wire.CLOSE_DUPLICATE_ID` refused this node's id: the overlay
+records the conflict.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable
+
+from swarm.logs import logger
+from swarm.mesh.link import PeerLink
+from swarm.mesh.overlay import Overlay
+from swarm.mesh.peer_wire import (
+    CLOSE_DUPLICATE_ID,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_REFUSED,
+    check_hello,
+)
+
+_log = logger(__name__)
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    LINKED = "linked"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+def _ignore(_arg) -> None:
+    pass
+
+
+class PeerSession:
+    """The peer side of one connection, from the first hello to the last byte.
+
+    ``address`` names the connection in logs until the peer's hello names its node.
+    Nothing a peer sends raises out of :meth:`received` or :meth:`connection_lost`: a
+    failure inside this node is logged and closes the connection with
+    :data:`~swarm.mesh.peer_wire.CLOSE_INTERNAL_ERROR`.
+    """
+
+    def __init__(
+        self,
+        overlay: Overlay,
+        send: Callable[[list[dict]], None],
+        close: Callable[[int, str], None],
+        *,
+        address: str = "?",
+        on_linked: Callable[[PeerLink], None] = _ignore,
+        on_failed: Callable[[str], None] = _ignore,
+    ) -> None:
+        self.overlay = overlay
+        self.address = address
+        self.state = State.AWAIT_HELLO
+        #: Set once the peer's hello is accepted, and kept (it names the peer in logs).
+        self.link: PeerLink | None = None
+        #: Whether the peer has shown that it accepted this node's hello.
+        self.accepted = False
+        self._send = send
+        self._close = close
+        self._on_linked = on_linked
+        self._on_failed = on_failed
+        #: Why this node closed the connection, when it did.
+        self._refusal: str | None = None
+        self._handlers: dict[State, Callable[[dict], None]] = {
+            State.AWAIT_HELLO: self._await_hello,
+            State.LINKED: self._linked,
+        }
+        self._linked_handlers: dict[str, Callable[[PeerLink, dict], None]] = {
+            "lsa": lambda link, msg: overlay.receive_announcements(link, msg["anns"]),
+            "req": overlay.receive_request,
+            "rep": overlay.receive_reply,
+        }
+
+    def __repr__(self) -> str:
+        return f"<PeerSession {self._peer()} {self.state.name}>"
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The connection is open: say who this node is."""
+        self._send([self.overlay.hello()])
+
+    def received(self, messages: list[dict]) -> None:
+        """Messages from the peer, in order, already validated by peer_wire."""
+        for i, msg in enumerate(messages):
+            handler = self._handlers.get(self.state)
+            if handler is None:
+                _log.debug("{n} messages from {peer} after the close dropped",
+                           n=len(messages) - i, peer=self._peer())
+                return
+            try:
+                handler(msg)
+            except Exception:
+                _log.failure("failed on a {t} message from {peer}", t=msg.get("t"),
+                             peer=self._peer())
+                self._refuse(CLOSE_INTERNAL_ERROR, "the node failed on a message")
+
+    def protocol_error(self, reason: str) -> None:
+        """The peer sent a frame that does not decode: close the connection."""
+        if self.state in self._handlers:
+            self._refuse(CLOSE_PROTOCOL_ERROR, reason)
+
+    def connection_lost(self, reason: str, code: int | None = None) -> None:
+        """The connection is gone; ``code`` is the peer's close code, when it sent one."""
+        if self.state is State.CLOSED:
+            return
+        was_linked = self.state is State.LINKED
+        self.state = State.CLOSED
+        try:
+            if code == CLOSE_DUPLICATE_ID and self._refusal is None:
+                self.overlay.refused_as_duplicate(self._peer(), reason)
+            if was_linked:
+                self.overlay.link_down(self.link, reason)
+            if not self.accepted:
+                self._on_failed(self._refusal or reason)
+        except Exception:
+            _log.failure("failed on losing the connection to {peer}", peer=self._peer())
+
+    # -- states -----------------------------------------------------------------------
+
+    def _await_hello(self, msg: dict) -> None:
+        overlay = self.overlay
+        reason = check_hello(msg, overlay.node_id, overlay.swarm_name)
+        if reason is not None:
+            return self._refuse(CLOSE_REFUSED, reason)
+        reason = overlay.identity_conflict(msg["node"], msg["inc"])
+        if reason is not None:
+            return self._refuse(CLOSE_DUPLICATE_ID, reason)
+        self.link = PeerLink(msg["node"], self._send_linked, overlay.clock)
+        self.state = State.LINKED
+        overlay.link_up(self.link, msg["inc"])
+
+    def _linked(self, msg: dict) -> None:
+        handler = self._linked_handlers.get(msg["t"])
+        if handler is None:
+            return self._refuse(CLOSE_PROTOCOL_ERROR, f"a {msg['t']} on a linked connection")
+        if not self.accepted:
+            self.accepted = True
+            self.overlay.link_accepted(self.link)
+            self._on_linked(self.link)
+        handler(self.link, msg)
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def _send_linked(self, messages: list[dict]) -> None:
+        """The link's way out: nothing leaves once the session has left LINKED (a
+        reply finishing after the close goes nowhere)."""
+        if self.state is State.LINKED:
+            self._send(messages)
+
+    def _refuse(self, code: int, reason: str) -> None:
+        _log.warn("refusing peer link with {peer}: {reason}", peer=self._peer(),
+                  reason=reason)
+        was_linked = self.state is State.LINKED
+        self.state = State.CLOSING
+        self._refusal = reason
+        if was_linked:
+            # at once: nothing more is routed over a link that is closing
+            self.overlay.link_down(self.link, reason)
+        self._close(code, reason)
+
+    def _peer(self) -> str:
+        return f"{self.link.peer} at {self.address}" if self.link else self.address
