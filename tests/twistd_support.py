@@ -7,16 +7,30 @@ polls a condition against a deadline, nothing sleeps blindly.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
+
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from swarm.client import SwarmClient
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 #: How long a node may take to answer /health after the process starts.
@@ -157,3 +171,239 @@ async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: fl
             raise AssertionError(f"timed out after {timeout}s waiting for {what} "
                                  f"(last: {last!r})\n{logs()}")
         await deferLater(reactor, POLL, lambda: None)
+
+
+# -- swarms of processes, and a link the test can cut ------------------------------------
+
+
+@functools.cache
+def swarmcache_options() -> frozenset[str]:
+    """The long options ``twistd swarmcache --help`` lists, so a test can use an option
+    from the commit that adds it on (and falls back to the defaults before that)."""
+    help_text = subprocess.run(
+        [TWISTD, "swarmcache", "--help"], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=EXIT_DEADLINE, check=True,
+    ).stdout
+    return frozenset(re.findall(r"--([a-z][a-z-]*)", help_text))
+
+
+#: The nodes' peer pings (interval, timeout) when they cannot be set: 1 s and 2 s.
+DEFAULT_PINGS = (1.0, 2.0)
+#: What :func:`ping_options` asks for where ``--ping-interval``/``--ping-timeout`` exist.
+FAST_PINGS = (0.5, 1.0)
+
+
+def ping_options() -> tuple[list[str], float]:
+    """(twistd options for quick peer pings, seconds a silent peer takes to be dropped):
+    FAST_PINGS where twistd takes ``--ping-interval`` and ``--ping-timeout``, else
+    no options and the DEFAULT_PINGS."""
+    if {"ping-interval", "ping-timeout"} <= swarmcache_options():
+        interval, timeout = FAST_PINGS
+        return ["--ping-interval", str(interval), "--ping-timeout", str(timeout)], \
+            interval + timeout
+    return [], sum(DEFAULT_PINGS)
+
+
+class _Relayed(Protocol):
+    """One end of a relayed connection: what it receives goes out of the other end."""
+
+    def __init__(self, forwarder: TcpForwarder) -> None:
+        self.forwarder = forwarder
+        self.other: _Relayed | None = None
+
+    def pair(self, other: _Relayed) -> None:
+        self.other, other.other = other, self
+        # a full write buffer on one side pauses reading on the other
+        self.transport.registerProducer(other.transport, True)
+        other.transport.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.other is not None:
+            self.other.transport.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.forwarder.open.discard(self)
+        if self.other is not None:
+            self.other.transport.loseConnection()
+
+
+class _Inbound(_Relayed):
+    """A connection to the forwarder: dials the target, or is closed at once when cut."""
+
+    def connectionMade(self) -> None:
+        forwarder = self.forwarder
+        if forwarder.is_cut:
+            forwarder.refused += 1
+            self.transport.abortConnection()
+            return
+        forwarder.open.add(self)
+        self.transport.pauseProducing()  # nothing is read before the target answers
+        outbound = _Relayed(forwarder)
+        endpoint = TCP4ClientEndpoint(forwarder.reactor, "127.0.0.1", forwarder.target, 5)
+        d = connectProtocol(endpoint, outbound)
+        d.addCallbacks(self._connected, lambda _: self.transport.abortConnection())
+
+    def _connected(self, outbound: _Relayed) -> None:
+        if self.forwarder.is_cut or self not in self.forwarder.open:
+            outbound.transport.abortConnection()
+            return
+        self.forwarder.open.add(outbound)
+        self.pair(outbound)
+        self.transport.resumeProducing()
+
+
+class TcpForwarder:
+    """A TCP relay from 127.0.0.1 (port 0) to ``127.0.0.1:target`` in the test process.
+
+    A node dials it instead of its peer (``--peer ws://127.0.0.1:{port}``), so the test
+    can cut that one link and restore it without stopping or freezing anybody.
+    :meth:`cut` aborts every relayed connection; while cut, new connections are accepted
+    and aborted at once, which the node counts as a failed attempt and backs off from
+    (up to 30 s), so keep cuts short or wait ~40 s for the link to return.
+    """
+
+    def __init__(self, reactor: Any, target: int) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.is_cut = False
+        self.refused = 0  # connections aborted because the link was cut
+        self.open: set[_Relayed] = set()
+        self._port: Any = None
+
+    @property
+    def port(self) -> int:
+        return self._port.getHost().port
+
+    @property
+    def url(self) -> str:
+        """What a node gives as ``--peer`` to dial the target through this forwarder."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpForwarder:
+        factory = Factory.forProtocol(lambda: _Inbound(self))
+        self._port = await TCP4ServerEndpoint(
+            self.reactor, 0, interface="127.0.0.1").listen(factory)
+        return self
+
+    def cut(self) -> None:
+        """Abort every relayed connection and every new one until :meth:`restore`."""
+        self.is_cut = True
+        for end in list(self.open):
+            end.transport.abortConnection()
+
+    def restore(self) -> None:
+        """Relay new connections again (the node redials on its own backoff)."""
+        self.is_cut = False
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._port is not None:
+            await self._port.stopListening()
+            self._port = None
+
+
+class Swarm:
+    """The named ``twistd`` nodes of one test, a client on each, and the forwarders
+    between them; :meth:`close` ends them all.
+
+    Every node gets ``options`` (e.g. ``--replicas 1``) and keeps its port and
+    ``--peer``s across :meth:`stop` and :meth:`start` again, as an operator's restart does.
+    """
+
+    def __init__(self, workdir: Path, *options: str) -> None:
+        self.workdir = workdir
+        self.options = list(options)
+        self.nodes: dict[str, Twistd] = {}
+        self.clients: dict[str, SwarmClient] = {}
+        self._peers: dict[str, list[str]] = {}
+        self._started: list[Twistd] = []
+        self._forwarders: list[TcpForwarder] = []
+
+    def port(self, name: str) -> int:
+        return self.nodes[name].port  # type: ignore[return-value]
+
+    def url(self, name: str) -> str:
+        return self.nodes[name].url
+
+    async def start(self, name: str, *peers: str) -> SwarmClient:
+        """Start node ``name`` dialling ``peers`` (URLs; default: those it had), on the port
+        it had if it ran before; once /health names it, connect a client to it."""
+        if peers or name not in self._peers:
+            self._peers[name] = list(peers)
+        old = self.nodes.get(name)
+        assert old is None or old.proc.poll() is not None, f"{name} is still running"
+        options = [*self.options, *(f"--peer={p}" for p in self._peers[name])]
+        proc = start_node(self.workdir, name, *options, port=old.port if old else None,
+                          name=f"{name}-{len(self._started)}")
+        self._started.append(proc)
+        self.nodes[name] = proc
+        return await self.connect(name)
+
+    async def connect(self, name: str) -> SwarmClient:
+        """A new client connection to ``name`` (a restarted node needs one)."""
+        client = await SwarmClient.connect(self.url(name), timeout=10, connect_timeout=5)
+        self.clients[name] = client
+        return client
+
+    async def stop(self, name: str) -> None:
+        """SIGTERM: the node leaves gracefully (hands its entries on); wait until it exits."""
+        self.clients.pop(name, None)
+        self.nodes[name].proc.send_signal(signal.SIGTERM)
+        await self.nodes[name].exited()
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: its sockets stay open, only the peers' pings can tell."""
+        self.nodes[name].proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        self.nodes[name].proc.send_signal(signal.SIGCONT)
+
+    async def forwarder(self, to: str) -> TcpForwarder:
+        """A :class:`TcpForwarder` to node ``to``'s port, stopped by :meth:`close`."""
+        from twisted.internet import reactor
+
+        forwarder = await TcpForwarder(reactor, self.port(to)).start()
+        self._forwarders.append(forwarder)
+        return forwarder
+
+    async def view(self, name: str) -> set[str]:
+        """The ids of the nodes that ``name`` can reach, itself included."""
+        return {n["id"] for n in (await self.clients[name].nodes())["nodes"]}
+
+    async def until_views(self, views: dict[str, set[str]], what: str,
+                          timeout: float) -> None:
+        """Wait until each named node reaches exactly the nodes given for it."""
+
+        async def agree() -> bool:
+            return all([await self.view(name) == ids for name, ids in views.items()])
+
+        await eventually(agree, what, timeout, self.logs)
+
+    async def until_whole(self, what: str, timeout: float) -> None:
+        """Wait until every node reaches every node."""
+        everyone = set(self.nodes)
+        await self.until_views({n: everyone for n in self.nodes}, what, timeout)
+
+    def logs(self) -> str:
+        return "\n".join(p.describe() for p in self._started)
+
+    async def close(self) -> None:
+        try:
+            for forwarder in self._forwarders:
+                await forwarder.stop()
+            for client in self.clients.values():
+                await close_quietly(client)
+        finally:
+            for proc in self._started:
+                proc.kill()
+
+
+async def close_quietly(client: SwarmClient, timeout: float = 2.0) -> None:
+    """Close ``client``, giving up after ``timeout`` seconds and ignoring errors: its
+    node may be frozen or gone, and the processes are killed next anyway."""
+    from twisted.internet import reactor
+
+    d = client.close()
+    d.addTimeout(timeout, reactor)
+    d.addErrback(lambda _: None)
+    await d
