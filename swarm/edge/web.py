@@ -1,7 +1,9 @@
 """The node's HTTP face: one twisted.web Site for clients, peers and health checks.
 
 ``/`` upgrades to the client WebSocket protocol, ``/peer`` to the peer protocol, and a
-plain ``GET /health`` answers a small JSON document (200 while serving, 503 otherwise).
+plain ``GET /health`` answers a small JSON document: 200 while serving, 503 otherwise
+(``"status": "stopping"``, or ``"conflict"`` with a ``reason`` while the swarm refuses
+the node's id because another live node has it).
 """
 
 from __future__ import annotations
