@@ -468,7 +468,7 @@ def test_any_odd_value_in_any_field_raises_nothing(template):
             assert_ended_cleanly(end, clock)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames=st.lists(st.lists(messages, max_size=5), min_size=1, max_size=4),
        linked_first=st.booleans())
 def test_nothing_a_peer_sends_raises_out_of_the_session(frames, linked_first):
