@@ -50,7 +50,10 @@ class NodeCore:
         wall: Callable[[], float] = time.time,
         monotonic=None,
         store: IStore | None = None,
+        extra_stats: Callable[[], dict] = dict,
     ) -> None:
+        """``extra_stats`` adds the embedder's figures (connections, uptime...) to
+        ``stats``."""
         self.config = config
         self.node_id = config.node_id
         self.clock = clock
@@ -74,8 +77,7 @@ class NodeCore:
             config.node_id, self.store, lambda: self.router.placement,
             self.router.send_to, clock,
         )
-        #: More figures for ``stats`` (the node adds its connections, uptime...).
-        self.extra_stats: Callable[[], dict] = dict
+        self._extra_stats = extra_stats
 
     def _view_changed(self) -> None:
         self.router.view_changed()
@@ -135,7 +137,7 @@ class NodeCore:
         stats["peers"] = len(self.overlay.neighbors)
         stats["peer_links"] = self.overlay.link_count()  # spares included
         stats["swarm_nodes"] = len(self.overlay.membership.reachable)
-        stats.update(self.extra_stats())
+        stats.update(self._extra_stats())
         return stats
 
 

@@ -185,8 +185,7 @@ class SwarmNode(MultiService, CacheOps):
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config = config if config is not None else NodeConfig(port=port, **options)
-        self.core = core = NodeCore(config, reactor, store=store)
-        core.extra_stats = self._node_stats
+        self.core = core = NodeCore(config, reactor, store=store, extra_stats=self._node_stats)
         # The parts, by their names (tests and embedding applications look at them).
         self.node_id, self.replicas = config.node_id, config.replicas
         self.store, self.parser = core.store, core.parser

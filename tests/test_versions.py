@@ -1,0 +1,237 @@
+"""The last acknowledged write wins: every stale-read case of issue 6 in the in-memory
+simulator (swarm.simulator), on one clock, deterministic, in milliseconds.
+
+Each case writes, disturbs the swarm the way an operator or the network would (a freeze,
+a restart, a cut, a split), and then checks every node's answer: no read that starts
+after a write was acknowledged may return an older value, once the swarm has healed
+(during a partition each side answers from what it holds, as any AP cache does).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.simulator import Swarm
+
+LINE = [(0, 1), (1, 2)]
+
+
+def line(**config) -> Swarm:
+    swarm = Swarm(**config)
+    swarm.build(3, LINE)
+    return swarm
+
+
+def owner_of(swarm: Swarm, key: str, via: str = "n0") -> str:
+    return swarm.call(via, "owner", key=key)["nodes"][0]
+
+
+def reads(swarm: Swarm, key: str) -> dict[str, object]:
+    """What every running, unfrozen node answers for ``key`` now."""
+    return {
+        node.id: swarm.call(node.id, "get", key=key)["value"]
+        for node in swarm.nodes.values() if node.running and not node.frozen
+    }
+
+
+class Reader:
+    """Reads ``key`` through every live node every ``every`` seconds without waiting
+    for the answers, and counts stale answers: a value older than the last write
+    acknowledged before the read was sent (a write still in flight may or may not be
+    seen; each value is written once)."""
+
+    def __init__(self, swarm: Swarm, key: str, every: float = 0.05) -> None:
+        self.swarm, self.key, self.every = swarm, key, every
+        self.acked: list[object] = [None]
+        self.stale: list[tuple[float, str, object]] = []
+        self.answers = 0
+        self._call = swarm.clock.callLater(every, self._tick)
+
+    def acknowledged(self, value) -> None:
+        self.acked.append(value)
+
+    def _tick(self) -> None:
+        for node in self.swarm.nodes.values():
+            if node.running and not node.frozen:
+                floor, asked = len(self.acked) - 1, self.swarm.clock.seconds()
+                d = node.request("get", key=self.key)
+                d.addCallback(self._answer, node.id, floor, asked)
+                d.addErrback(lambda f: None)  # unavailable/timeout: not a stale value
+        self._call = self.swarm.clock.callLater(self.every, self._tick)
+
+    def _answer(self, reply: dict, node: str, floor: int, asked: float) -> None:
+        self.answers += 1
+        value = reply["value"]
+        written = max((i for i, v in enumerate(self.acked) if v == value), default=None)
+        if written is not None and written < floor:
+            self.stale.append((asked, node, value))
+
+    def stop(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+def write(swarm: Swarm, via: str, key: str, value, reader: Reader | None = None) -> None:
+    assert swarm.call(via, "set", key=key, value=value)["stored"] is True
+    if reader is not None:
+        reader.acknowledged(value)
+
+
+def test_a_frozen_owner_thawing_does_not_bring_back_its_older_value():
+    swarm = line()
+    owner = owner_of(swarm, "k")
+    other = next(n for n in ("n0", "n1", "n2") if n != owner and n != "n1") if owner != "n1" \
+        else "n0"
+    write(swarm, other, "k", "v1")
+    swarm.freeze(owner)
+    swarm.run(10)  # SIGSTOP for 10 s: the others drop it and place k elsewhere
+    write(swarm, other, "k", "v2")
+    swarm.thaw(owner)
+    reader = Reader(swarm, "k")
+    reader.acknowledged("v2")
+    swarm.settle()
+    swarm.run(12)  # past the migration window and every handoff
+    reader.stop()
+    assert reads(swarm, "k") == {n: "v2" for n in swarm.nodes}
+    assert reader.answers > 100 and reader.stale == []
+
+
+def test_five_freezes_of_the_owner_with_writes_between_leave_the_last_write():
+    swarm = line()
+    owner = owner_of(swarm, "k")
+    writer = "n0" if owner != "n0" else "n2"
+    reader = Reader(swarm, "k")
+    for i in range(5):
+        write(swarm, writer, "k", f"v{i}", reader)
+        swarm.freeze(owner)
+        swarm.run(3)
+        write(swarm, writer, "k", f"v{i}-frozen", reader)
+        swarm.thaw(owner)
+        swarm.settle()
+    swarm.run(12)
+    reader.stop()
+    assert set(reads(swarm, "k").values()) == {"v4-frozen"}
+    assert reader.stale == []
+
+
+def test_a_graceful_restart_of_the_middle_of_a_line_loses_no_later_write():
+    swarm = line()
+    keys = [f"k{i}" for i in range(60)]
+    for key in keys:
+        write(swarm, "n0", key, "v1")
+    links = swarm.stop("n1")  # the line falls apart: n0 and n2 each serve alone
+    for key in keys:
+        write(swarm, "n0", key, "v2")
+    swarm.nodes["n1"].start()
+    for a, b in links:
+        swarm.link(a, b)
+    swarm.settle()
+    for node in ("n0", "n1", "n2"):
+        assert {k: swarm.call(node, "get", key=k)["value"] for k in keys} == dict.fromkeys(
+            keys, "v2"), node
+    swarm.run(12)
+    assert {k: swarm.call("n2", "get", key=k)["value"] for k in keys} == dict.fromkeys(keys, "v2")
+
+
+def test_restarts_of_the_node_the_client_uses_lose_no_later_write():
+    swarm = line()
+    keys = [f"k{i}" for i in range(60)]
+    for round, value in enumerate(("v1", "v2", "v3")):
+        for key in keys:
+            write(swarm, "n0", key, value)
+        swarm.restart("n0", links=None)  # SIGTERM, started again, not linked yet...
+        if round == 1:
+            for key in keys[:30]:  # ...and written to before it links
+                write(swarm, "n0", key, "v2, alone")
+        swarm.link("n0", "n1")  # ...then linked again
+        swarm.settle()
+    for node in ("n0", "n1", "n2"):
+        assert {k: swarm.call(node, "get", key=k)["value"] for k in keys} == dict.fromkeys(
+            keys, "v3"), node
+
+
+def test_a_write_a_restarting_node_acknowledged_before_it_linked_wins():
+    swarm = line()
+    keys = [f"k{i}" for i in range(60)]
+    for key in keys:
+        write(swarm, "n1", key, "v1")
+    swarm.crash("n0")
+    swarm.settle()
+    swarm.nodes["n0"].start()  # same id, not linked yet: it owns every key alone
+    for key in keys:
+        write(swarm, "n0", key, "v2")
+    swarm.link("n0", "n1")
+    swarm.settle()
+    swarm.run(12)
+    for node in ("n0", "n1", "n2"):
+        assert {k: swarm.call(node, "get", key=k)["value"] for k in keys} == dict.fromkeys(
+            keys, "v2"), node
+
+
+def test_a_write_on_the_far_side_of_a_cut_line_wins_when_the_link_is_restored():
+    swarm = line()
+    keys = [f"k{i}" for i in range(60)]
+    for key in keys:
+        write(swarm, "n0", key, "v1")
+    swarm.cut("n1", "n2")
+    swarm.settle()
+    for key in keys:
+        write(swarm, "n2", key, "v2")  # the far side
+    swarm.heal("n1", "n2")
+    swarm.settle()
+    for node in ("n0", "n1", "n2"):
+        assert {k: swarm.call(node, "get", key=k)["value"] for k in keys} == dict.fromkeys(
+            keys, "v2"), node
+
+
+def test_both_sides_of_a_split_writing_the_same_keys_converge_to_the_later_write():
+    swarm = Swarm()
+    swarm.build(4, [(0, 1), (1, 2), (2, 3)])
+    keys = [f"k{i}" for i in range(40)]
+    for key in keys:
+        write(swarm, "n0", key, "before")
+    swarm.cut("n1", "n2")
+    swarm.settle()
+    for key in keys:
+        write(swarm, "n0", key, "left")
+    swarm.run(0.5)
+    for key in keys[:20]:
+        write(swarm, "n3", key, "right, later")
+    for key in keys[20:30]:
+        assert swarm.call("n3", "delete", key=key)["ok"]  # deleted after the left write
+    swarm.heal("n1", "n2")
+    swarm.settle()
+    swarm.run(12)
+    expected = {**dict.fromkeys(keys[:20], "right, later"), **dict.fromkeys(keys[20:30]),
+                **dict.fromkeys(keys[30:], "left")}
+    for node in swarm.nodes:
+        assert {k: swarm.call(node, "get", key=k)["value"] for k in keys} == expected, node
+
+
+def test_a_key_deleted_while_its_owner_was_frozen_stays_deleted():
+    swarm = line()
+    owner = owner_of(swarm, "k")
+    other = "n0" if owner != "n0" else "n2"
+    write(swarm, other, "k", "v1")
+    swarm.freeze(owner)
+    swarm.run(10)
+    assert swarm.call(other, "delete", key="k")["deleted"] is False  # the copy is frozen
+    swarm.thaw(owner)
+    swarm.settle()
+    swarm.run(12)
+    assert reads(swarm, "k") == dict.fromkeys(swarm.nodes)
+
+
+@pytest.mark.parametrize("step", [-3600, 3600])
+def test_a_wall_clock_stepped_an_hour_changes_no_ttl(step):
+    swarm = line()
+    owner = owner_of(swarm, "k")
+    assert swarm.call("n0", "set", key="k", value="v", ttl=5)["stored"]
+    for node in swarm.nodes:
+        swarm.step_wall_clock(node, step)
+    swarm.run(4)
+    assert swarm.call("n0", "get", key="k")["found"] is True
+    assert swarm.call("n0", "ttl", key="k")["ttl"] == pytest.approx(1, abs=0.25)
+    swarm.run(1.1)
+    assert swarm.call("n0", "get", key="k")["found"] is False
+    assert owner in swarm.nodes
