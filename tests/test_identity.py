@@ -16,6 +16,7 @@ import pytest_twisted
 from conftest import converged, start_node, stop_all, until
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from swarm.errors import Unavailable
 from swarm.node.node import SwarmNode
 
 
@@ -89,6 +90,12 @@ async def test_a_second_live_node_with_an_id_in_the_swarm_is_refused_and_reports
                     what="the dialler to count the refusals")
         assert duplicate.overlay.conflict is not None
         assert duplicate.overlay.membership.reachable == {"dup"}
+        # and it acknowledges no write that nobody else would ever see
+        with pytest.raises(Unavailable, match="its id is refused"):
+            await duplicate.set("k0", "lost?")
+        with pytest.raises(Unavailable):
+            await duplicate.get("k0")
+        assert await duplicate.ping() == "dup"  # node ops still answer
 
         # the original goes on as before: in every view, and serving its keys
         for n in (hub, original, beyond):

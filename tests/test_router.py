@@ -184,6 +184,7 @@ def test_lookup_error_from_forward_is_unavailable():
 
 def test_forwarding_through_a_real_link_and_back():
     node = Node(fake_forward=False)
+    node.overlay.handle_request = node.router.route_forwarded  # as NodeCore wires it
     frames: list = []
     link = PeerLink("b", frames.extend, node.clock)
     node.overlay.link_up(link)
@@ -205,6 +206,7 @@ def test_forwarding_through_a_real_link_and_back():
 
 def test_a_forwarded_request_arriving_on_a_link_is_answered_on_it():
     node = Node(fake_forward=False)
+    node.overlay.handle_request = node.router.route_forwarded  # as NodeCore wires it
     frames: list = []
     link = PeerLink("b", frames.extend, node.clock)
     node.overlay.link_up(link)
@@ -774,3 +776,20 @@ def test_entries_deleted_during_a_paused_scan_go_as_tombstones():
     sent = [Entry.from_wire(e) for _, request, _ in h.sends for e in request["entries"]]
     assert {e.key for e in sent if not e.deleted} == set(keys[:SCAN_SLICE])
     assert {e.key for e in sent if e.deleted} == set(keys[SCAN_SLICE + 5:])
+
+
+def test_while_its_id_is_refused_a_node_answers_key_ops_unavailable_and_node_ops_as_usual():
+    node = Node()
+    (key,) = keys_of("a", node.placement)
+    node.overlay.conflict = "node id 'a' is already live in the swarm"
+    for request in ({"id": 1, "op": "set", "key": key, "value": 1},
+                    {"id": 1, "op": "get", "key": key},
+                    {"id": 1, "op": "mget", "keys": [key]}):
+        reply = node.router.handle(request)
+        assert reply["ok"] is False and reply["error"]["code"] == "unavailable"
+        assert "already live" in reply["error"]["message"]
+    assert node.store.exists(key) is False
+    assert node.router.handle({"id": 2, "op": "ping"}) == ok(2, node="a")
+    node.overlay.conflict = None
+    assert node.router.handle({"id": 3, "op": "set", "key": key, "value": 1}) == ok(
+        3, stored=True)

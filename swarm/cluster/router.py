@@ -16,7 +16,7 @@ logged and answered as ``internal``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 
@@ -30,7 +30,6 @@ from swarm.errors import (
     error_from_wire,
 )
 from swarm.logs import logger
-from swarm.mesh.overlay import Overlay
 from swarm.protocol.ops import OPS, Kind, Op, ops_of
 from swarm.protocol.wire import RequestParser, error_reply, ok_reply
 
@@ -46,13 +45,29 @@ MIGRATION_WINDOW = 10.0
 MAX_ORIGINS = 8
 
 
+class Network(Protocol):
+    """What the router needs of the mesh; :class:`swarm.mesh.overlay.Overlay` is one.
+
+    ``membership`` gives ``reachable`` and ``owners`` (sets of node ids) and
+    ``report()`` (the ``nodes`` op's list); ``conflict`` is why the swarm refuses this
+    node's id, or None."""
+
+    clock: Any
+    membership: Any
+    conflict: str | None
+
+    def forward(self, node: str, request: dict, timeout: float, hops: int,
+                addressed: bool = False) -> Deferred:
+        """Send ``request`` one hop toward ``node``; LookupError when unreachable."""
+
+
 class QueryRouter:
     def __init__(
         self,
         node_id: str,
         commands: StoreCommands,
         node_stats: Callable[[], dict],
-        overlay: Overlay,
+        overlay: Network,
         replicas: int = 1,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_hops: int = DEFAULT_MAX_HOPS,
@@ -73,7 +88,6 @@ class QueryRouter:
         self._node_ops: dict[str, Callable[[dict], dict]] = {
             op.name: getattr(self, "handle_" + op.name) for op in ops_of(Kind.NODE)
         }
-        overlay.handle_request = self.route_forwarded
 
     def view_changed(self) -> None:
         """Recompute key placement over the nodes this node can reach now.
@@ -102,7 +116,15 @@ class QueryRouter:
     # -- entry points -----------------------------------------------------------------
 
     def handle(self, request: dict) -> dict | Deferred:
-        """A request that starts here (a client or the embedding API)."""
+        """A request that starts here (a client or the embedding API).
+
+        While the swarm refuses this node's id (another live node has it), key ops are
+        answered ``unavailable``: acknowledging writes that no other node will ever
+        see would be worse than saying no."""
+        conflict = self.overlay.conflict
+        if conflict is not None and OPS[request["op"]].kind is not Kind.NODE:
+            return error_reply(request["id"], Unavailable(
+                f"this node does not serve keys while its id is refused: {conflict}"))
         return self.route(request, self.request_timeout, self.max_hops)
 
     def route_forwarded(

@@ -45,13 +45,16 @@ class Overlay:
         incarnation: int,
         clock,
         on_view_change: Callable[[], None] = lambda: None,
+        handle_request: RequestHandler | None = None,
     ) -> None:
+        """``handle_request`` answers the requests neighbors forward (the router's
+        ``route_forwarded``); ``on_view_change`` hears of every change of the view."""
         self.node_id = node_id
         self.swarm_name = swarm_name
         self.clock = clock
         self.membership = Membership(node_id, incarnation)
         self.on_view_change = on_view_change
-        self.handle_request: RequestHandler | None = None
+        self.handle_request = handle_request
         self._links: dict[str, list[PeerLink]] = {}
         #: The incarnation each directly linked neighbor gave in its hello.
         self._incarnations: dict[str, int] = {}

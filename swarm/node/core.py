@@ -68,6 +68,7 @@ class NodeCore:
         self.overlay = Overlay(
             config.node_id, config.swarm, int(wall() * 1000), clock,
             on_view_change=self._view_changed,
+            handle_request=lambda *request: self.router.route_forwarded(*request),
         )
         self.router = QueryRouter(
             config.node_id, StoreCommands(self.store, config.default_ttl), self.stats,

@@ -34,8 +34,8 @@ from typing import Any, Iterator
 from zope.interface import implementer
 
 from swarm.errors import NotInteger, TooLarge
-from swarm.protocol.wire import INT64_MAX, INT64_MIN, utf8_size
 from swarm.protocol.entry import Entry, HybridClock, Version
+from swarm.protocol.wire import INT64_MAX, INT64_MIN, utf8_size
 from swarm.store.interface import IStore
 
 #: How long a deleted key's tombstone outlives the delete. It must outlast every way an
