@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
+import socket
+import time
 from pathlib import Path
 
 import cbor2
@@ -82,7 +86,8 @@ def test_help_lists_the_contract_options(tmp_path):
     status, out = run_twistd(tmp_path, ["swarmcache", "--help"])
     assert status == 0, out
     for option in ("--port", "--peer", "--replicas", "--max-memory",
-                   "--max-message-size", "--node-id", "--log-level"):
+                   "--max-message-size", "--node-id", "--log-level",
+                   "--ping-interval", "--ping-timeout"):
         assert option in out, f"{option} missing from --help:\n{out}"
 
 
@@ -169,6 +174,112 @@ def test_second_node_on_a_busy_port_exits_with_cannot_listen(twistd_node, tmp_pa
     assert code == 200 and body["node"] == "t1"
 
 
+@pytest.fixture
+def busy_port():
+    """A port on 127.0.0.1 that a socket of the test listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def kill_daemon(pidfile: Path) -> None:
+    """SIGKILL the daemon that ``pidfile`` names, if it is still there."""
+    try:
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["nodaemon", "daemon"])
+@pytest.mark.parametrize("bad", ["busy", "out-of-range"])
+def test_a_port_it_cannot_listen_on_ends_twistd_at_once_with_one_line_and_no_pidfile(
+    tmp_path, busy_port, daemon, bad
+):
+    port, line = {
+        "busy": (str(busy_port),
+                 f"cannot listen on 127.0.0.1:{busy_port}: Address already in use"),
+        "out-of-range": ("tcp:99999", "cannot listen on tcp:99999: "),
+    }[bad]
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    args = [f"--pidfile={pidfile}", f"--logfile={logfile}", "swarmcache", "--port", port]
+    t = Twistd(tmp_path, args if daemon else ["-n", *args])
+    started = time.monotonic()
+    try:
+        status = t.wait()
+        took = time.monotonic() - started
+        log = logfile.read_text(errors="replace") if logfile.exists() else ""
+    finally:
+        t.kill()
+        kill_daemon(pidfile)
+    said = t.output() + log
+    assert status != 0, t.describe()
+    assert took < 10, f"took {took:.1f}s; {t.describe()}"
+    assert line in log, log
+    if daemon:  # the waiting parent says it on the terminal
+        assert line in t.output(), t.describe()
+    if bad == "out-of-range":
+        assert "port must be 0-65535" in log, log
+    assert "Traceback" not in said, said
+    assert not pidfile.exists(), said
+
+
+#: A Twisted endpoint plugin: ``later:PORT`` listens on 127.0.0.1:PORT half a second
+#: after it is asked to, so a busy port fails the listen after twistd has started.
+LATER_ENDPOINT_PLUGIN = """
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IStreamServerEndpoint, IStreamServerEndpointStringParser)
+from twisted.internet.task import deferLater
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+
+@implementer(IStreamServerEndpoint)
+class Later:
+    def __init__(self, reactor, port):
+        self.reactor, self.port = reactor, int(port)
+
+    def listen(self, factory):
+        now = TCP4ServerEndpoint(self.reactor, self.port, interface="127.0.0.1")
+        return deferLater(self.reactor, 0.5, now.listen, factory)
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class LaterParser:
+    prefix = "later"
+
+    def parseStreamServer(self, reactor, port):
+        return Later(reactor, port)
+
+
+later = LaterParser()
+"""
+
+
+def test_a_listen_that_fails_after_twistd_started_ends_it_with_status_1_and_one_line(
+    tmp_path, busy_port, monkeypatch
+):
+    plugins = tmp_path / "path" / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "swarmcache_test_later.py").write_text(LATER_ENDPOINT_PLUGIN)
+    path = [str(tmp_path / "path"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    pidfile = tmp_path / "twistd.pid"
+    t = Twistd(tmp_path, ["-n", f"--pidfile={pidfile}", "swarmcache",
+                          "--port", f"later:{busy_port}"])
+    try:
+        status = t.wait()
+    finally:
+        t.kill()
+    out = t.output()
+    assert status == 1, t.describe()
+    assert out.count(f"cannot listen on 127.0.0.1:{busy_port}: Address already in use") == 1, out
+    assert "#critical]" in out and "Server Shut Down." in out, out
+    assert "Traceback" not in out, out
+    assert not pidfile.exists(), out
+
+
 # -- (d) bad option values -----------------------------------------------------------------
 
 
@@ -181,6 +292,11 @@ def test_second_node_on_a_busy_port_exits_with_cannot_listen(twistd_node, tmp_pa
         ("--peer", "http://x"),
         ("--replicas", "0"),
         ("--default-ttl", "soon"),
+        ("--request-timeout", "0"),
+        ("--ping-interval", "0"),
+        ("--ping-interval", "soon"),
+        ("--ping-timeout", "0.3"),
+        ("--ping-timeout", "nan"),
         ("--port", "bogus:1"),
         ("--port", "tcp:notaport"),
         ("--port", "99999"),
@@ -195,6 +311,36 @@ def test_bad_option_value_exits_non_zero_with_a_clear_message(tmp_path, option, 
     # The last line is the message: it names the option or quotes the bad value.
     last = [line for line in out.splitlines() if line.strip()][-1]
     assert option.lstrip("-") in last or repr(value) in last, out
+
+
+def test_ping_options_reach_the_peer_links_both_ways():
+    from swarm.node.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--peer",
+                          "ws://127.0.0.1:1", "--ping-interval", "1.5",
+                          "--ping-timeout", "4"])
+    node = makeService(options)
+    [upstream] = node.upstreams
+    for factory in (node.peer_factory, upstream.factory):  # accepted and dialled links
+        assert (factory.autoPingInterval, factory.autoPingTimeout) == (1.5, 4.0)
+
+
+@pytest.mark.parametrize("option, value, error", [
+    ("--ping-interval", "0", "a number of seconds must be in (0, 1e+09]: '0'"),
+    # Autobahn's whole-second ping timers would drop every link at once.
+    ("--ping-timeout", "0.5", "a number of seconds must be in [1, 1e+09]: '0.5'"),
+    ("--request-timeout", "-0.5", "a number of seconds must be in (0, 1e+09]: '-0.5'"),
+    ("--default-ttl", "-1", "a number of seconds must be in [0, 1e+09]: '-1'"),
+    ("--replicas", "0", "a whole number must be at least 1: '0'"),
+])
+def test_numbers_out_of_range_name_the_range_and_the_value(option, value, error):
+    from twisted.python import usage
+
+    from swarm.node.tap import Options
+
+    with pytest.raises(usage.UsageError, match=re.escape(error)):
+        Options().parseOptions([option, value])
 
 
 # -- (e) log level -------------------------------------------------------------------------

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import sys
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from swarm import logs
 from swarm.mesh.dialer import peer_endpoint_description
-from swarm.node.node import (
+from swarm.node.config import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_VALUE_SIZE,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
     DEFAULT_PORT,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SWARM,
-    SwarmNode,
-    endpoint_description,
+    NodeConfig,
 )
+from swarm.node.node import SwarmNode, endpoint_description
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
           "g": 1024**3, "gb": 1024**3}
@@ -41,16 +46,18 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _number(kind: type, what: str, low: float, high: float):
-    """A coercer for usage.Options: ``text`` -> ``kind`` within [low, high]."""
+def _number(kind: type, what: str, low: float, high: float, *, above: bool = False):
+    """A coercer for usage.Options: ``text`` -> ``kind`` within [low, high], or within
+    (low, high] when the value must be ``above`` low."""
 
     def coerce(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise usage.UsageError(f"not {what}: {text!r}") from None
-        if not low <= value <= high:
-            bound = f"at least {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        if not ((low < value) if above else (low <= value)) or not value <= high:
+            bound = (f"at least {low:g}" if high == math.inf and not above
+                     else f"in {'(' if above else '['}{low:g}, {high:g}]")
             raise usage.UsageError(f"{what} must be {bound}: {text!r}")
         return value
 
@@ -59,6 +66,10 @@ def _number(kind: type, what: str, low: float, high: float):
 
 _positive_int = _number(int, "a whole number", 1, math.inf)
 _seconds = _number(float, "a number of seconds", 0, 1e9)
+_positive_seconds = _number(float, "a number of seconds", 0, 1e9, above=True)
+#: Autobahn times its pings with txaio's batched timer, which cuts each deadline down
+#: to a whole second: a ping timeout under 1 s gives up before the pong can come back.
+_ping_timeout = _number(float, "a number of seconds", 1, 1e9)
 
 
 class Options(usage.Options):
@@ -90,7 +101,14 @@ class Options(usage.Options):
          "Swarm name; links between nodes of different swarms are refused."],
         ["replicas", None, 1, "How many nodes hold each key.", _positive_int],
         ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT,
-         "Seconds a request may take end to end, hops included.", _seconds],
+         "Seconds a request may take end to end, hops included.", _positive_seconds],
+        ["ping-interval", None, DEFAULT_PING_INTERVAL,
+         "Seconds between pings on each peer link; a peer silent for "
+         "ping-interval + ping-timeout is dropped. Autobahn's ping timers tick in "
+         "whole seconds: under 1, pings go back to back for part of every second.",
+         _positive_seconds],
+        ["ping-timeout", None, DEFAULT_PING_TIMEOUT,
+         "Seconds a peer may take to answer a ping; at least 1.", _ping_timeout],
         ["log-level", None, "info", "One of: " + ", ".join(logs.LEVELS) + "."],
     ]
 
@@ -118,41 +136,67 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{option} {self[option]!r} is not an endpoint: {e}"
                 ) from None
-        if self["request-timeout"] <= 0:
-            raise usage.UsageError("--request-timeout must be more than 0")
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(
                 f"--log-level must be one of {', '.join(logs.LEVELS)}"
             )
 
 
+class NotListening(SystemExit, Exception):
+    """An endpoint that twistd cannot listen on, said in one line.
+
+    An Exception, so that twistd's runner reports it to a daemon's waiting parent (which
+    then prints it and exits 1) and removes the pidfile; a SystemExit, so that the
+    process then ends with status 1 and this line rather than a traceback.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.code = f"swarmcache: {self}"
+
+
+def _exit_failed() -> None:
+    """End the process with status 1, once what it wrote is flushed."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    os._exit(1)
+
+
 class _TwistdNode(SwarmNode):
-    """Under twistd, a port that cannot be bound ends the process with a clear line."""
+    """Under twistd, an endpoint that cannot listen ends the process with status 1 and
+    one line that names it, whether it fails at once or once the reactor runs."""
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
-            reason = getattr(e.socketError, "strerror", None) or e.socketError
-            raise SystemExit(
-                f"swarmcache: cannot listen on {e.interface or '*'}:{e.port}: {reason}"
-            ) from None
-        except OverflowError as e:  # tcp:99999
-            raise SystemExit(f"swarmcache: cannot listen: {e}") from None
+        except Exception:
+            # Each listener and what it was asked to listen on (without a --peer-port,
+            # one listener: --port's).
+            asked = {self._peer_listener: self.config.peer_port,
+                     self._listener: self.config.port}
+            for listener, description in asked.items():
+                if listener.failure is not None:
+                    address, reason = listener.explain(listener.failure)
+                    address = address or endpoint_description(description)
+                    raise NotListening(address, reason) from None
+            raise
+
+    def startService(self) -> None:
+        super().startService()
+        self.when_listening().addErrback(self._failed_late)
+
+    def _failed_late(self, failure: Failure) -> None:
+        """An endpoint failed once the reactor ran (the node logged why): stop, and end
+        with status 1 after twistd's own cleanup (pidfile, last log lines), as twistd
+        cannot set an exit status itself (twisted/twisted#11335)."""
+        if self._stopping:
+            return  # a stop cancelled the listen
+        atexit.register(_exit_failed)
+        self.reactor.stop()
 
 
 def makeService(options: Options) -> SwarmNode:
     logs.set_level(options["log-level"])
-    return _TwistdNode(
-        options["port"],
-        node_id=options["node-id"],
-        max_memory=options["max-memory"],
-        max_value_size=options["max-value-size"],
-        max_message_size=options["max-message-size"],
-        default_ttl=options["default-ttl"],
-        swarm=options["swarm"],
-        peers=tuple(options["peer"]),
-        peer_port=options["peer-port"],
-        replicas=options["replicas"],
-        request_timeout=options["request-timeout"],
-    )
+    return _TwistdNode(config=NodeConfig.from_options(options))
+
