@@ -145,16 +145,16 @@ class SimConnection:
                 end.session.connection_lost(reason, None if i == closer else code)
 
     def thawed(self, node: SimNode) -> None:
-        """``node`` thaws: what arrived meanwhile is read, or the close if there was one."""
-        for end in self.ends:
+        """``node`` thaws: it reads what arrived meanwhile (TCP delivers buffered data
+        before the close), then finds the connection closed if the peer dropped it."""
+        for i, end in enumerate(self.ends):
             if end.node is node and not end.closed:
-                if not self.ends[1 - self.ends.index(end)].closed:
-                    held, end.held = end.held, []
-                    for frame in held:
+                held, end.held = end.held, []
+                for frame in held:
+                    if not end.closed:
                         end.session.received(decode_peer_frame(frame, True))
-                else:
+                if self.ends[1 - i].closed and not end.closed:
                     end.closed = True
-                    end.held.clear()
                     end.session.connection_lost("connection lost while frozen")
 
 
