@@ -327,10 +327,12 @@ def test_ping_options_reach_the_peer_links_both_ways():
 
 
 @pytest.mark.parametrize("option, value, error", [
-    ("--ping-interval", "0", "a number of seconds must be in (0, 1e+09]: '0'"),
+    ("--ping-interval", "0.5", "a number of seconds must be in [1, 1e+09]: '0.5'"),
     # Autobahn's whole-second ping timers would drop every link at once.
     ("--ping-timeout", "0.5", "a number of seconds must be in [1, 1e+09]: '0.5'"),
-    ("--request-timeout", "-0.5", "a number of seconds must be in (0, 1e+09]: '-0.5'"),
+    ("--request-timeout", "-0.5", "a number of seconds must be in (0, 86400]: '-0.5'"),
+    # the time left travels to peers in ms, and peers refuse more than a day
+    ("--request-timeout", "86401", "a number of seconds must be in (0, 86400]: '86401'"),
     ("--default-ttl", "-1", "a number of seconds must be in [0, 1e+09]: '-1'"),
     ("--replicas", "0", "a whole number must be at least 1: '0'"),
 ])

@@ -1,16 +1,15 @@
 """Real ``twistd swarmcache`` processes for the tests, on 127.0.0.1 only.
 
-The plugin is found in the installed package, so reinstall it (``pip install .``) after
-changing ``swarm/``. Output goes to files, never a pipe that could fill up; every wait
+The plugin is found where ``swarm`` is: the installed package (reinstall it with
+``pip install .`` after changing ``swarm/``), or the source tree when the tests run with
+``PYTHONPATH`` set to it (an absolute path: twistd runs in the tests' directories). Output goes to files, never a pipe that could fill up; every wait
 polls a condition against a deadline, nothing sleeps blindly.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -176,32 +175,16 @@ async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: fl
 # -- swarms of processes, and a link the test can cut ------------------------------------
 
 
-@functools.cache
-def swarmcache_options() -> frozenset[str]:
-    """The long options ``twistd swarmcache --help`` lists, so a test can use an option
-    from the commit that adds it on (and falls back to the defaults before that)."""
-    help_text = subprocess.run(
-        [TWISTD, "swarmcache", "--help"], capture_output=True, text=True,
-        stdin=subprocess.DEVNULL, timeout=EXIT_DEADLINE, check=True,
-    ).stdout
-    return frozenset(re.findall(r"--([a-z][a-z-]*)", help_text))
-
-
-#: The nodes' peer pings (interval, timeout) when they cannot be set: 1 s and 2 s.
-DEFAULT_PINGS = (1.0, 2.0)
-#: What :func:`ping_options` asks for where ``--ping-interval``/``--ping-timeout`` exist.
-FAST_PINGS = (0.5, 1.0)
+#: Quick peer pings (interval, timeout) for tests that freeze nodes: the shortest
+#: twistd takes (Autobahn's ping timers tick in whole seconds).
+FAST_PINGS = (1.0, 1.0)
 
 
 def ping_options() -> tuple[list[str], float]:
-    """(twistd options for quick peer pings, seconds a silent peer takes to be dropped):
-    FAST_PINGS where twistd takes ``--ping-interval`` and ``--ping-timeout``, else
-    no options and the DEFAULT_PINGS."""
-    if {"ping-interval", "ping-timeout"} <= swarmcache_options():
-        interval, timeout = FAST_PINGS
-        return ["--ping-interval", str(interval), "--ping-timeout", str(timeout)], \
-            interval + timeout
-    return [], sum(DEFAULT_PINGS)
+    """(twistd options for quick peer pings, seconds a silent peer takes to be dropped)."""
+    interval, timeout = FAST_PINGS
+    return ["--ping-interval", str(interval), "--ping-timeout", str(timeout)], \
+        interval + timeout
 
 
 class _Relayed(Protocol):

@@ -30,17 +30,7 @@ from swarm.edge.web import build_site
 from swarm.logs import logger
 from swarm.mesh.dialer import Upstream
 from swarm.mesh.protocol import PeerServerFactory
-from swarm.node.config import (  # noqa: F401 (the defaults are tap.py's too)
-    DEFAULT_MAX_MEMORY,
-    DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_MAX_VALUE_SIZE,
-    DEFAULT_PING_INTERVAL,
-    DEFAULT_PING_TIMEOUT,
-    DEFAULT_PORT,
-    DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_SWARM,
-    NodeConfig,
-)
+from swarm.node.config import DEFAULT_PORT, NodeConfig
 from swarm.node.core import NodeCore
 from swarm.protocol.api import CacheOps
 from swarm.store.interface import IStore

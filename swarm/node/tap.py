@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from swarm import logs
 from swarm.mesh.dialer import peer_endpoint_description
+from swarm.mesh.peer_wire import MAX_REQUEST_MS
 from swarm.node.config import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -66,10 +67,12 @@ def _number(kind: type, what: str, low: float, high: float, *, above: bool = Fal
 
 _positive_int = _number(int, "a whole number", 1, math.inf)
 _seconds = _number(float, "a number of seconds", 0, 1e9)
-_positive_seconds = _number(float, "a number of seconds", 0, 1e9, above=True)
+#: A request's time left travels to peers in ms, at most a day (peer_wire.MAX_REQUEST_MS).
+_request_seconds = _number(float, "a number of seconds", 0, MAX_REQUEST_MS / 1000, above=True)
 #: Autobahn times its pings with txaio's batched timer, which cuts each deadline down
-#: to a whole second: a ping timeout under 1 s gives up before the pong can come back.
-_ping_timeout = _number(float, "a number of seconds", 1, 1e9)
+#: to a whole second: a ping timeout under 1 s gives up before the pong can come back,
+#: and an interval under 1 s sends pings back to back for part of every second.
+_ping_seconds = _number(float, "a number of seconds", 1, 1e9)
 
 
 class Options(usage.Options):
@@ -101,14 +104,13 @@ class Options(usage.Options):
          "Swarm name; links between nodes of different swarms are refused."],
         ["replicas", None, 1, "How many nodes hold each key.", _positive_int],
         ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT,
-         "Seconds a request may take end to end, hops included.", _positive_seconds],
+         "Seconds a request may take end to end, hops included (at most a day).",
+         _request_seconds],
         ["ping-interval", None, DEFAULT_PING_INTERVAL,
-         "Seconds between pings on each peer link; a peer silent for "
-         "ping-interval + ping-timeout is dropped. Autobahn's ping timers tick in "
-         "whole seconds: under 1, pings go back to back for part of every second.",
-         _positive_seconds],
+         "Seconds between pings on each peer link, at least 1; a peer silent for "
+         "ping-interval + ping-timeout is dropped.", _ping_seconds],
         ["ping-timeout", None, DEFAULT_PING_TIMEOUT,
-         "Seconds a peer may take to answer a ping; at least 1.", _ping_timeout],
+         "Seconds a peer may take to answer a ping; at least 1.", _ping_seconds],
         ["log-level", None, "info", "One of: " + ", ".join(logs.LEVELS) + "."],
     ]
 
