@@ -16,8 +16,8 @@ from swarm.client.connection import (
     ConnectionClosed,
     RequestTracker,
     SwarmClient,
-    endpoint_description,
 )
+from swarm.protocol.urls import ws_client_endpoint
 from swarm.protocol.wire import decode_frame, encode_frame
 
 # -- the logic object, no sockets --------------------------------------------------------
@@ -318,16 +318,16 @@ def test_client_methods_build_requests_and_read_replies():
     assert out == [None] and fake.closed
 
 
-def test_endpoint_description():
-    assert endpoint_description("ws://127.0.0.1:8765", 3) == (
+def test_ws_client_endpoint():
+    assert ws_client_endpoint("ws://127.0.0.1:8765", 3) == (
         "tcp:host=127.0.0.1:port=8765:timeout=3"
     )
-    assert endpoint_description("wss://cache.example:443/?token=x", 2.5) == (
+    assert ws_client_endpoint("wss://cache.example:443/?token=x", 2.5) == (
         "tls:host=cache.example:port=443:timeout=3"
     )
-    assert endpoint_description("ws://[::1]:9/", 1).startswith("tcp:host=\\:\\:1:port=9")
+    assert ws_client_endpoint("ws://[::1]:9/", 1).startswith("tcp:host=\\:\\:1:port=9")
     with pytest.raises(ValueError):
-        endpoint_description("http://127.0.0.1:1", 1)
+        ws_client_endpoint("http://127.0.0.1:1", 1)
 
 
 # -- connecting, without a node ----------------------------------------------------------

@@ -4,7 +4,6 @@ from swarm.client.connection import (
     ConnectionClosed,
     RequestTracker,
     SwarmClient,
-    endpoint_description,
 )
 
-__all__ = ["ConnectionClosed", "RequestTracker", "SwarmClient", "endpoint_description"]
+__all__ = ["ConnectionClosed", "RequestTracker", "SwarmClient"]

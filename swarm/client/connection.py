@@ -19,12 +19,10 @@ With ``encoding="json"`` a byte-string value stored by a CBOR client comes back 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.util import parse_url
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -33,6 +31,7 @@ from swarm.correlate import Correlator
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.logs import logger
 from swarm.protocol.api import CacheOps
+from swarm.protocol.urls import ws_client_endpoint
 from swarm.protocol.wire import decode_frame, encode_frame
 
 _log = logger(__name__)
@@ -251,7 +250,7 @@ class SwarmClient(CacheOps):
         if encoding not in ENCODINGS:
             return fail(ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}"))
         try:
-            description = endpoint_description(url, connect_timeout)
+            description = ws_client_endpoint(url, connect_timeout)
             factory = _ClientFactory(url=url, reactor=reactor)
         except ValueError as e:
             return fail(Unavailable(f"cannot connect to {url}: {e}"))
@@ -323,17 +322,6 @@ class SwarmClient(CacheOps):
 
 
 # -- the Autobahn adapter ----------------------------------------------------------------
-
-
-def endpoint_description(url: str, timeout: float) -> str:
-    """The Twisted client endpoint string for a ``ws://`` or ``wss://`` URL."""
-    is_secure, host, port, _resource, _path, _params = parse_url(url)
-    if host == "unix":
-        raise ValueError("unix socket URLs are not supported")
-    host = host.replace("\\", "\\\\").replace(":", "\\:")
-    kind = "tls" if is_secure else "tcp"
-    # Endpoint strings take whole seconds; connect() enforces the exact deadline itself.
-    return f"{kind}:host={host}:port={port}:timeout={max(1, math.ceil(timeout))}"
 
 
 def _describe(reason: Failure) -> str:

@@ -19,11 +19,11 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
-from swarm.client.connection import endpoint_description
 from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.overlay import Overlay
 from swarm.mesh.protocol import PeerClientFactory
+from swarm.protocol.urls import ws_client_endpoint
 
 _log = logger(__name__)
 
@@ -40,7 +40,7 @@ def peer_endpoint_description(url: str) -> tuple[str, str]:
     host = parts.hostname
     netloc = f"[{host}]" if ":" in host else host
     peer_url = f"{parts.scheme}://{netloc}:{port}/peer"
-    return endpoint_description(peer_url, CONNECT_TIMEOUT), peer_url
+    return ws_client_endpoint(peer_url, CONNECT_TIMEOUT), peer_url
 
 
 class RetryPolicy:
