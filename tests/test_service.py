@@ -136,3 +136,25 @@ async def test_replies_past_the_reply_budget_are_too_large_and_the_rest_arrive()
     finally:
         await client.close()
         await n.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_embedded_node_written_to_at_once_keeps_its_writes_when_it_joins():
+    """Started and written to before its link is up, a node owns every key alone; when
+    it joins a swarm that already holds those keys, its later writes win everywhere."""
+    from conftest import converged, start_swarm, stop_all
+
+    nodes = await start_swarm(2, [(1, 0)])
+    keys = [f"k{i}" for i in range(40)]
+    await nodes[0].mset(dict.fromkeys(keys, "old"))
+    late = await start_node(node_id="late", peers=(nodes[0].url,))
+    nodes.append(late)
+    try:
+        assert late.overlay.membership.reachable == {"late"}  # not linked yet
+        for key in keys:
+            assert await late.set(key, "written at start-up") is True
+        await converged(nodes)
+        for node in nodes:
+            assert await node.mget(keys) == dict.fromkeys(keys, "written at start-up")
+    finally:
+        await stop_all(nodes)
