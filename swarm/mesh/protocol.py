@@ -73,6 +73,13 @@ class _PeerProtocolMixin:
     def _close(self, code: int, reason: str) -> None:
         self.sendClose(code=code, reason=reason)  # Autobahn cuts it to 123 bytes
 
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False) -> None:
+        """Every close (the session's, a stopping node's, a reply to the peer's) goes
+        out after what is waiting in the outbox: a reply answered in this reactor turn
+        would otherwise be dropped, and the peer would fail the request it answers."""
+        self._flush()
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+
     def _send(self, messages: list[dict]) -> None:
         if self._outbox is None:
             self._outbox = []
