@@ -382,6 +382,136 @@ def test_the_hello_carries_the_incarnation_this_node_announces(clock):
     assert n.hello()["inc"] == 500
 
 
+# -- the two-phase close: bye ------------------------------------------------------------
+
+BYE = {"t": "bye"}
+
+
+def test_a_bye_takes_the_link_out_of_routing_at_once_and_is_answered(clock):
+    a, b, c = overlay("a", clock), overlay("b", clock), overlay("c", clock)
+    ab, ba = connect(a, b)
+    bc, cb = connect(b, c)
+    pump(ab, ba)
+    assert b.membership.reachable == {"a", "b", "c"}
+    a.part()
+    assert ab.take() == [BYE] and not a.parted  # said, not yet answered
+    ba.session.received([BYE])
+    assert ba.session.state is State.PARTED
+    assert b.neighbors == ["c"] and b.membership.reachable == {"b", "c"}
+    with pytest.raises(LookupError):
+        b.forward("a", {"id": 1, "op": "ping"}, 5.0, 3)
+    assert ba.take() == [BYE]  # the answer; and the change is flooded, as for a lost link
+    assert [m["t"] for m in bc.take()] == ["lsa"]
+    ab.session.received([BYE])
+    assert ab.session.state is State.PARTED and a.parted and not a.busy
+    assert ab.take() == []  # an answer is not answered
+    assert ab.closed == ba.closed == []  # the stopping side closes, when it is quiet
+
+
+def test_calls_pending_on_a_parted_link_still_get_their_replies(clock):
+    a, b = overlay("a", clock), overlay("b", clock)
+    ab, ba = connect(a, b)
+    replies = []
+    b.forward("a", {"id": 7, "op": "ping"}, 5.0, 3).addCallback(replies.append)
+    request = ba.take()
+    a.part()
+    ba.session.received(ab.take())  # the bye crossed the request on the wire
+    assert b.busy and replies == []  # parted, and still waiting: not failed
+    ab.session.received(request)  # served, though a has said bye
+    pump(ab, ba)
+    assert replies == [{"id": 7, "ok": True, "ran": ["a", 5.0, 3, None]}]
+    assert a.parted and not a.busy and not b.busy
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_request_sent_before_the_answer_is_served_before_the_node_is_parted(clock):
+    """Why the stopping node waits for the answer: it follows every request the peer
+    sent before it, so none is still on the wire when the node closes."""
+    from twisted.internet.defer import Deferred
+
+    a, b = overlay("a", clock), overlay("b", clock)
+    waiting: list[Deferred] = []
+    a.handle_request = lambda *args: waiting.append(Deferred()) or waiting[-1]
+    ab, ba = connect(a, b)
+    b.forward("a", {"id": 8, "op": "ping"}, 5.0, 3)
+    a.part()
+    ba.session.received(ab.take())
+    ab.session.received(ba.take())  # b's request, then its bye, in order
+    assert len(waiting) == 1 and a.parted and a.busy  # parted, serving: not yet quiet
+    waiting[0].callback({"id": 8, "ok": True})
+    assert not a.busy and [m["t"] for m in ab.take()] == ["rep"]
+
+
+def test_two_nodes_that_say_bye_at_once_take_each_others_bye_as_the_answer(clock):
+    a, b = overlay("a", clock), overlay("b", clock)
+    ab, ba = connect(a, b)
+    a.part()
+    b.part()
+    pump(ab, ba)
+    assert ab.session.state is ba.session.state is State.PARTED
+    assert a.parted and b.parted
+    assert ab.sent == ba.sent == [] and ab.closed == ba.closed == []
+
+
+def test_a_link_that_comes_up_while_parting_is_told_bye_after_the_announcements(clock):
+    a = overlay("a", clock)
+    a.part()
+    assert a.parted  # no link to wait for
+    late = End(a)
+    late.feed(hello("b", "s", 1))
+    sent = [m["t"] for m in late.take()]
+    assert sent[-1] == "bye" and set(sent[:-1]) == {"lsa"}
+    assert not a.parted
+    late.feed({"t": "lsa", "anns": []}, BYE)
+    assert a.parted and late.session.state is State.PARTED
+
+
+def test_a_node_started_again_after_parting_keeps_its_new_links(clock):
+    a = overlay("a", clock)
+    a.leave()
+    a.part()
+    a.leave(False)
+    assert not a.parting and not a.parted
+    end = End(a)
+    end.feed(hello("b", "s", 1))
+    assert {m["t"] for m in end.take()} == {"lsa"}
+
+
+def test_every_connection_of_a_peer_is_told_bye_spares_too(clock):
+    a, b = overlay("a", clock), overlay("b", clock)
+    first = connect(a, b)
+    spare = connect(a, b)
+    a.part()
+    for ab, ba in (first, spare):
+        pump(ab, ba)
+        assert ab.session.state is ba.session.state is State.PARTED
+    assert a.parted and a.link_count() == b.link_count() == 0 and b.neighbors == []
+
+
+def test_a_second_bye_is_a_protocol_error(clock):
+    end = End(overlay("a", clock))
+    end.feed(hello("b", "s", 1), BYE)
+    assert end.session.state is State.PARTED and end.closed == []
+    end.feed(BYE)
+    ((code, reason),) = end.closed
+    assert code == CLOSE_PROTOCOL_ERROR and "second bye" in reason
+    assert end.session.state is State.CLOSING
+
+
+def test_a_parted_connection_lost_fails_what_is_still_pending_on_it(clock):
+    a, b = overlay("a", clock), overlay("b", clock)
+    ab, ba = connect(a, b)
+    replies = []
+    b.forward("a", {"id": 2, "op": "ping"}, 5.0, 3).addCallback(replies.append)
+    a.part()
+    ba.session.received(ab.take())
+    lose(ab, ba)  # the connection died before the reply came
+    assert ba.session.state is State.CLOSED
+    assert replies[0]["ok"] is False and replies[0]["error"]["code"] == "unavailable"
+    assert not b.busy and clock.getDelayedCalls() == []
+    assert a.parted  # a link that is gone cannot bring a request either
+
+
 # -- nothing a peer sends raises ----------------------------------------------------------
 
 
@@ -424,6 +554,7 @@ TEMPLATES = [
     {"t": "lsa", "anns": [ANN]},
     {"t": "req", "rid": 1, "ms": 100, "hops": 3, "to": "a", "req": {"id": 1, "op": "ping"}},
     {"t": "rep", "rid": 1, "rep": {"id": 1, "ok": True}},
+    {"t": "bye"},
 ]
 #: A good message of each type with up to three of its fields (or its announcement's)
 #: replaced by anything at all.

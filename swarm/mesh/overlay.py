@@ -15,6 +15,15 @@ node's view, or linked directly, with another incarnation than the hello says is
 refused (:meth:`Overlay.identity_conflict`); a restarted node whose old links have died
 is no longer live, so it is accepted when its dialler tries again. A node whose own id
 is refused so records it in :attr:`Overlay.conflict` until a peer accepts it again.
+
+Stopping closes each connection in two phases, so no request is caught on the wire by
+the close. The stopping node says ``bye`` on every connection (:meth:`Overlay.part`);
+a connection whose peer said ``bye`` is *parted* (:meth:`Overlay.link_parted`): it
+leaves routing and the view at once, as a lost link would, but the requests pending on
+it still get their replies, and requests arriving on it are still served. A peer
+answers ``bye`` with ``bye``, after anything it sent before, so once every connection
+is parted (:attr:`Overlay.parted`) nothing new can arrive, and the stopping node closes
+as soon as it is not :attr:`~Overlay.busy`.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from swarm.errors import InternalError, Timeout
 from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.membership import Announcement, Membership
-from swarm.mesh.peer_wire import hello
+from swarm.mesh.peer_wire import bye, hello
 from swarm.protocol.wire import error_reply
 
 _log = logger(__name__)
@@ -56,6 +65,10 @@ class Overlay:
         self.on_view_change = on_view_change
         self.handle_request = handle_request
         self._links: dict[str, list[PeerLink]] = {}
+        #: Connections whose peer said bye: open, routing nothing, finishing their calls.
+        self._parted: list[PeerLink] = []
+        #: Whether this node said bye on every connection (it is stopping).
+        self.parting = False
         #: The incarnation each directly linked neighbor gave in its hello.
         self._incarnations: dict[str, int] = {}
         #: Why the swarm refused this node's id (another live node has it), or None.
@@ -76,8 +89,7 @@ class Overlay:
     def link_count(self) -> int:
         return sum(len(v) for v in self._links.values())
 
-    def link_up(self, link: PeerLink, incarnation: int | None = None) -> None:
-        """A connection's hello was accepted; ``incarnation`` is the one it gave."""
+    def _add(self, link: PeerLink, incarnation: int | None) -> None:
         links = self._links.setdefault(link.peer, [])
         links.append(link)
         if len(links) > 1:
@@ -91,18 +103,54 @@ class Overlay:
         link.send([{"t": "lsa", "anns": self._wire(self.membership.announcements())}])
         self._links_changed()
 
+    def link_up(self, link: PeerLink, incarnation: int | None = None) -> None:
+        """A connection's hello was accepted; ``incarnation`` is the one it gave."""
+        self._add(link, incarnation)
+        if self.parting:  # a link that came up while this node stops is told at once
+            link.send([bye()])
+
     def link_down(self, link: PeerLink, reason: str) -> None:
         link.fail_all(f"link to {link.peer} lost: {reason}")
+        if link in self._parted:
+            self._parted.remove(link)
+        elif self._remove(link):
+            _log.info("link to {peer} down: {reason}", peer=link.peer, reason=reason)
+            self._links_changed()
+
+    def link_parted(self, link: PeerLink) -> None:
+        """``link``'s peer said bye: route nothing more over it, as if it were down,
+        but leave its pending calls to their replies (they still arrive on it)."""
+        self._parted.append(link)
+        if self._remove(link):
+            _log.info("link to {peer} parted: it said bye", peer=link.peer)
+            self._links_changed()
+
+    def _remove(self, link: PeerLink) -> bool:
+        """Take ``link`` out of routing; True when it was the peer's last one."""
         links = self._links.get(link.peer, [])
         if link not in links:
-            return
+            return False
         links.remove(link)
         if links:
-            return
+            return False
         del self._links[link.peer]
         self._incarnations.pop(link.peer, None)
-        _log.info("link to {peer} down: {reason}", peer=link.peer, reason=reason)
-        self._links_changed()
+        return True
+
+    def part(self) -> None:
+        """Say bye on every connection: this node is stopping (see the module
+        docstring). :attr:`parted` says when every peer has answered."""
+        self.parting = True
+        _log.info("saying bye to {peers}", peers=", ".join(self.neighbors) or "no peer")
+        for links in self._links.values():
+            for link in links:
+                link.send([bye()])
+
+    @property
+    def parted(self) -> bool:
+        """Whether this node said bye and every connection it said it on is parted
+        (answered, or gone): no request can arrive any more."""
+        return self.parting and not self._links
 
     def identity_conflict(self, node: str, incarnation: int) -> str | None:
         """Why a hello from ``node`` with ``incarnation`` names a node already live
@@ -150,6 +198,8 @@ class Overlay:
         (or, with ``leaving=False``, that it serves again)."""
         before = self._view()
         ann = self.membership.set_leaving(leaving)
+        if not leaving:
+            self.parting = False  # started again: links that come up are kept
         self._spread([ann] if ann else [], None, before)
 
     def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
@@ -231,7 +281,7 @@ class Overlay:
     def busy(self) -> bool:
         """Whether requests are in flight through this node (in or out)."""
         return self._serving > 0 or any(
-            link.pending for links in self._links.values() for link in links
+            link.pending for links in [*self._links.values(), self._parted] for link in links
         )
 
     def receive_reply(self, link: PeerLink, msg: dict) -> None:

@@ -9,6 +9,11 @@ so batching many messages in one frame costs nothing extra. Each message has a t
 ``req``    ``rid``, ``ms`` (time left), ``hops`` (hops left), ``req`` (a request),
            optional ``to`` (the node that must run it, else the key's owner does)
 ``rep``    ``rid``, ``rep`` (the reply to the ``req`` with that ``rid`` on this link)
+``bye``    no fields -- the sender is stopping: route nothing more over this connection
+           (as if it were down) but let the requests pending on it finish; a node that
+           has not said ``bye`` itself answers with one. Messages on a connection are
+           ordered, so once the answer arrives no new request can follow it, and the
+           stopping node closes as soon as what it serves is answered
 
 A malformed frame or message raises :class:`PeerProtocolError`; the link is closed.
 Numbers are bounded, so nothing a peer sends overflows a timer or a float: ``ms`` at
@@ -37,7 +42,8 @@ import cbor2
 from swarm.mesh.membership import Announcement
 from swarm.protocol.wire import decode_cbor
 
-PROTOCOL_VERSION = 1
+#: 2: entries carry versions (issue 6), and links close in two phases (``bye``).
+PROTOCOL_VERSION = 2
 
 #: WebSocket close codes a node uses on peer links (application range 4000-4999).
 CLOSE_REFUSED = 4000
@@ -174,7 +180,7 @@ def _check(msg: Any) -> dict:
             _str(msg, "to")
     elif t == "rep":
         _int(msg, "rid"), _map(msg, "rep")
-    else:
+    elif t != "bye":
         raise PeerProtocolError(f"unknown peer message type {t!r}")
     return msg
 
@@ -182,6 +188,10 @@ def _check(msg: Any) -> dict:
 def hello(node: str, swarm: str, incarnation: int) -> dict:
     return {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
             "inc": incarnation}
+
+
+def bye() -> dict:
+    return {"t": "bye"}
 
 
 def check_hello(msg: dict, self_id: str, swarm: str) -> str | None:

@@ -8,10 +8,16 @@ lists on a ``task.Clock``.
 
 States, each with its own handler for what arrives::
 
-    AWAIT_HELLO --hello accepted--> LINKED --refused / protocol error--> CLOSING
-         |                                                                 |
-         +--refused-----------------> CLOSING --connection_lost--> CLOSED <+
+    AWAIT_HELLO --hello accepted--> LINKED --bye--> PARTED
+         |                            |               |
+         +----------------------------+---------------+--refused / protocol error--> CLOSING
     (connection_lost in any state ends in CLOSED)
+
+PARTED is the first phase of a close (``bye`` in :mod:`swarm.mesh.peer_wire`): the
+peer said bye, so nothing new is routed over this connection, but requests and replies
+still flow on it until the stopping side closes. A bye is answered with one unless this
+node said bye first (:attr:`Overlay.parting <swarm.mesh.overlay.Overlay.parting>`): then
+it *is* the answer, and both ends are PARTED.
 
 The next issues add an authentication state between AWAIT_HELLO and LINKED: a member
 of :class:`State` and an entry in ``PeerSession._handlers``.
@@ -38,6 +44,7 @@ from swarm.mesh.peer_wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REFUSED,
+    bye,
     check_hello,
 )
 
@@ -47,8 +54,13 @@ _log = logger(__name__)
 class State(enum.Enum):
     AWAIT_HELLO = "await_hello"
     LINKED = "linked"
+    PARTED = "parted"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+#: The states in which the connection carries a link (routed or parted).
+_CARRYING = (State.LINKED, State.PARTED)
 
 
 def _ignore(_arg) -> None:
@@ -90,11 +102,13 @@ class PeerSession:
         self._handlers: dict[State, Callable[[dict], None]] = {
             State.AWAIT_HELLO: self._await_hello,
             State.LINKED: self._linked,
+            State.PARTED: self._parted,
         }
         self._linked_handlers: dict[str, Callable[[PeerLink, dict], None]] = {
             "lsa": lambda link, msg: overlay.receive_announcements(link, msg["anns"]),
             "req": overlay.receive_request,
             "rep": overlay.receive_reply,
+            "bye": self._bye,
         }
 
     def __repr__(self) -> str:
@@ -130,7 +144,7 @@ class PeerSession:
         """The connection is gone; ``code`` is the peer's close code, when it sent one."""
         if self.state is State.CLOSED:
             return
-        was_linked = self.state is State.LINKED
+        was_linked = self.state in _CARRYING
         self.state = State.CLOSED
         try:
             if code == CLOSE_DUPLICATE_ID and self._refusal is None:
@@ -166,18 +180,30 @@ class PeerSession:
             self._on_linked(self.link)
         handler(self.link, msg)
 
+    def _parted(self, msg: dict) -> None:
+        if msg["t"] == "bye":
+            return self._refuse(CLOSE_PROTOCOL_ERROR, "a second bye")
+        self._linked(msg)
+
+    def _bye(self, link: PeerLink, msg: dict) -> None:
+        answer = not self.overlay.parting
+        self.state = State.PARTED
+        self.overlay.link_parted(link)
+        if answer:  # after all this node sent on it: no request of ours follows it
+            self._send([bye()])
+
     # -- outputs ----------------------------------------------------------------------
 
     def _send_linked(self, messages: list[dict]) -> None:
-        """The link's way out: nothing leaves once the session has left LINKED (a
-        reply finishing after the close goes nowhere)."""
-        if self.state is State.LINKED:
+        """The link's way out: nothing leaves once the session is closing (a reply
+        finishing after the close goes nowhere)."""
+        if self.state in _CARRYING:
             self._send(messages)
 
     def _refuse(self, code: int, reason: str) -> None:
         _log.warn("refusing peer link with {peer}: {reason}", peer=self._peer(),
                   reason=reason)
-        was_linked = self.state is State.LINKED
+        was_linked = self.state in _CARRYING
         self.state = State.CLOSING
         self._refusal = reason
         if was_linked:

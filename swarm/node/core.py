@@ -32,7 +32,7 @@ from swarm.store.memory import MemoryStore
 _log = logger(__name__)
 
 #: How long a stopping node may spend handing its entries to their next owners, and
-#: then waiting for requests travelling through it to finish.
+#: then waiting for its peers to answer its bye and for the requests it serves to finish.
 HANDOFF_GRACE = 5.0
 
 
@@ -97,9 +97,11 @@ class NodeCore:
         self.overlay.leave(False)
 
     def leave(self) -> Deferred:
-        """Leave placement everywhere, hand every entry to its next owner, then let
-        requests already travelling through this node finish (each within
-        HANDOFF_GRACE). The links stay up: the caller closes them afterwards."""
+        """Leave placement everywhere, hand every entry to its next owner, then close
+        the links in two phases: say bye on each, and wait until every peer has
+        answered (no request can arrive after that) and every request this node
+        serves is answered (all within HANDOFF_GRACE). The links stay open: the caller
+        closes them afterwards."""
         # The announcement travels ahead of the handoff on every path, so new writes
         # already go to the next owners while the entries are on their way.
         self.overlay.leave()
@@ -118,7 +120,18 @@ class NodeCore:
         )
 
     async def _drain(self, deadline: float) -> None:
-        while self.overlay.busy and self.clock.seconds() < deadline:
+        """Part from every peer, then wait for quiet: the peers' byes answered, and
+        nothing in flight through this node."""
+        overlay = self.overlay
+        overlay.part()
+        while not overlay.parted or overlay.busy:
+            if self.clock.seconds() >= deadline:
+                _log.warn(
+                    "closing {node}'s links before they were quiet: {unanswered} peers "
+                    "did not answer bye; requests in flight: {busy}",
+                    node=self.node_id, unanswered=len(overlay.neighbors), busy=overlay.busy,
+                )
+                return
             await deferLater(self.clock, 0.01, lambda: None)
 
     # -- requests ---------------------------------------------------------------------
