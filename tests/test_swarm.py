@@ -302,9 +302,14 @@ async def test_two_nodes_with_one_id_do_not_flood_forever():
     twin1 = await start_node(node_id="twin", peers=(hub.url,))
     await until(lambda: hub.overlay.neighbors == ["twin"])
     twin2 = await start_node(node_id="twin")
+    other = await start_node(node_id="other")
     try:
-        other = await start_node(node_id="other", peers=(hub.url,))
+        # twin2 links to other before other learns of twin1 (a hello naming a live id
+        # is refused), then other joins hub: each twin's announcements reach the other
         twin2.add_peer(other.url)
+        await until(lambda: other.overlay.neighbors == ["twin"]
+                    and twin2.overlay.neighbors == ["other"], what="twin2 to link to other")
+        other.add_peer(hub.url)
         await until(lambda: max(twin1.overlay.membership.self_conflicts,
                                 twin2.overlay.membership.self_conflicts) > MAX_SELF_CORRECTIONS,
                     what="the twins to notice each other")
@@ -314,9 +319,8 @@ async def test_two_nodes_with_one_id_do_not_flood_forever():
         from twisted.internet import reactor, task
         await task.deferLater(reactor, 0.3, lambda: None)  # a flood would go on here
         assert (twin1.overlay.membership.own.seq, twin2.overlay.membership.own.seq) == seqs
-        await other.stopService()
     finally:
-        await stop_all([twin2, twin1, hub])
+        await stop_all([other, twin2, twin1, hub])
 
 
 @pytest_twisted.ensureDeferred
