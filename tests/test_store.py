@@ -28,8 +28,8 @@ from swarm.store.memory import (
     _DELETED,
     ENTRY_OVERHEAD,
     SCALAR_SIZE,
-    IStore,
     TOMBSTONE_TTL,
+    IStore,
     MemoryStore,
     measure,
 )
