@@ -390,7 +390,7 @@ BYE = {"t": "bye"}
 def test_a_bye_takes_the_link_out_of_routing_at_once_and_is_answered(clock):
     a, b, c = overlay("a", clock), overlay("b", clock), overlay("c", clock)
     ab, ba = connect(a, b)
-    bc, cb = connect(b, c)
+    bc, _ = connect(b, c)
     pump(ab, ba)
     assert b.membership.reachable == {"a", "b", "c"}
     a.part()
