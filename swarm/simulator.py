@@ -136,6 +136,11 @@ class SimConnection:
         """End ``i`` closes: both ends see the connection go, the other with the code."""
         self.swarm.clock.callLater(0, self.lose, reason, code, i)
 
+    def close_after_flight(self, reason: str) -> None:
+        """A WebSocket close: the frames already sent arrive first, then the close
+        (frames and close both take ``latency``, and the clock keeps their order)."""
+        self.swarm.clock.callLater(self.latency, self.lose, reason)
+
     def lose(self, reason: str, code: int | None = None, closer: int | None = None) -> None:
         """The connection is gone; each end not frozen learns it now."""
         for i, end in enumerate(self.ends):
@@ -248,11 +253,16 @@ class Swarm:
         return links
 
     def stop(self, node_id: str) -> list[tuple[str, str]]:
-        """A graceful stop: leave, hand everything over, drain, then close; the links
-        it had."""
+        """A graceful stop: leave, hand everything over, drain, then close each
+        connection behind what it carries; the links it had."""
         node = self.nodes[node_id]
         self.wait(node.core.leave(), timeout=30)
-        return self.crash(node_id)
+        conns = self.open_connections(node_id)
+        for conn in conns:
+            conn.close_after_flight("node shutting down")
+        self.until(lambda: not any(c.open for c in conns), what="the connections to close")
+        node.halt()
+        return [c.nodes for c in conns]
 
     def restart(self, node_id: str, links=None, graceful: bool = True) -> SimNode:
         """Stop (or crash) the node, start it again afresh, and link it as before."""

@@ -41,7 +41,7 @@ def without(msg: dict, field: str) -> dict:
 
 
 def test_frames_round_trip():
-    messages = [dict(HELLO), dict(REQ), dict(REQ, to="n7"), dict(REP)]
+    messages = [dict(HELLO), dict(REQ), dict(REQ, to="n7"), dict(REP), {"t": "bye"}]
     payload = encode_peer_frame(messages)
     assert isinstance(payload, bytes)
     assert decode_peer_frame(payload, True) == messages
@@ -83,7 +83,7 @@ def test_each_message_must_be_a_map(item):
 @pytest.mark.parametrize(
     "msg",
     [
-        {"node": "n1"}, dict(HELLO, t="bye"), dict(HELLO, t=None), dict(HELLO, t=1),
+        {"node": "n1"}, dict(HELLO, t="goodbye"), dict(HELLO, t=None), dict(HELLO, t=1),
         dict(HELLO, t="HELLO"),
     ],
 )
