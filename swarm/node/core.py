@@ -57,12 +57,11 @@ class NodeCore:
         self.config = config
         self.node_id = config.node_id
         self.clock = clock
-        self.hlc = HybridClock(config.node_id, wall)
         self.store = store if store is not None else MemoryStore(
             monotonic if monotonic is not None else MonotonicClock(),
             max_memory=config.max_memory,
             max_value_bytes=config.max_value_size,
-            hlc=self.hlc,
+            hlc=HybridClock(config.node_id, wall),
         )
         self.parser = RequestParser(config.limits)
         self.overlay = Overlay(
