@@ -72,6 +72,11 @@ class Reader:
             self._call.cancel()
 
 
+def write_all(swarm: Swarm, via: str, keys: list[str], value) -> None:
+    for key in keys:
+        write(swarm, via, key, value)
+
+
 def assert_everywhere(swarm: Swarm, expected: dict) -> None:
     """Every running node reads exactly ``expected`` (None: not found)."""
     for node in swarm.nodes:
@@ -125,11 +130,9 @@ def test_five_freezes_of_the_owner_with_writes_between_leave_the_last_write():
 def test_a_graceful_restart_of_the_middle_of_a_line_loses_no_later_write():
     swarm = line()
     keys = [f"k{i}" for i in range(60)]
-    for key in keys:
-        write(swarm, "n0", key, "v1")
+    write_all(swarm, "n0", keys, "v1")
     links = swarm.stop("n1")  # the line falls apart: n0 and n2 each serve alone
-    for key in keys:
-        write(swarm, "n0", key, "v2")
+    write_all(swarm, "n0", keys, "v2")
     swarm.nodes["n1"].start()
     for a, b in links:
         swarm.link(a, b)
@@ -143,12 +146,10 @@ def test_restarts_of_the_node_the_client_uses_lose_no_later_write():
     swarm = line()
     keys = [f"k{i}" for i in range(60)]
     for round, value in enumerate(("v1", "v2", "v3")):
-        for key in keys:
-            write(swarm, "n0", key, value)
+        write_all(swarm, "n0", keys, value)
         swarm.restart("n0", links=None)  # SIGTERM, started again, not linked yet...
         if round == 1:
-            for key in keys[:30]:  # ...and written to before it links
-                write(swarm, "n0", key, "v2, alone")
+            write_all(swarm, "n0", keys[:30], "v2, alone")  # ...written to before it links
         swarm.link("n0", "n1")  # ...then linked again
         swarm.settle()
     assert_everywhere(swarm, dict.fromkeys(keys, "v3"))
@@ -157,13 +158,11 @@ def test_restarts_of_the_node_the_client_uses_lose_no_later_write():
 def test_a_write_a_restarting_node_acknowledged_before_it_linked_wins():
     swarm = line()
     keys = [f"k{i}" for i in range(60)]
-    for key in keys:
-        write(swarm, "n1", key, "v1")
+    write_all(swarm, "n1", keys, "v1")
     swarm.crash("n0")
     swarm.settle()
     swarm.nodes["n0"].start()  # same id, not linked yet: it owns every key alone
-    for key in keys:
-        write(swarm, "n0", key, "v2")
+    write_all(swarm, "n0", keys, "v2")
     swarm.link("n0", "n1")
     swarm.settle()
     swarm.run(12)
@@ -173,12 +172,10 @@ def test_a_write_a_restarting_node_acknowledged_before_it_linked_wins():
 def test_a_write_on_the_far_side_of_a_cut_line_wins_when_the_link_is_restored():
     swarm = line()
     keys = [f"k{i}" for i in range(60)]
-    for key in keys:
-        write(swarm, "n0", key, "v1")
+    write_all(swarm, "n0", keys, "v1")
     swarm.cut("n1", "n2")
     swarm.settle()
-    for key in keys:
-        write(swarm, "n2", key, "v2")  # the far side
+    write_all(swarm, "n2", keys, "v2")  # the far side
     swarm.heal("n1", "n2")
     swarm.settle()
     assert_everywhere(swarm, dict.fromkeys(keys, "v2"))
@@ -188,15 +185,12 @@ def test_both_sides_of_a_split_writing_the_same_keys_converge_to_the_later_write
     swarm = Swarm()
     swarm.build(4, [(0, 1), (1, 2), (2, 3)])
     keys = [f"k{i}" for i in range(40)]
-    for key in keys:
-        write(swarm, "n0", key, "before")
+    write_all(swarm, "n0", keys, "before")
     swarm.cut("n1", "n2")
     swarm.settle()
-    for key in keys:
-        write(swarm, "n0", key, "left")
+    write_all(swarm, "n0", keys, "left")
     swarm.run(0.5)
-    for key in keys[:20]:
-        write(swarm, "n3", key, "right, later")
+    write_all(swarm, "n3", keys[:20], "right, later")
     for key in keys[20:30]:
         assert swarm.call("n3", "delete", key=key)["ok"]  # deleted after the left write
     swarm.heal("n1", "n2")
