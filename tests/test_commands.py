@@ -137,3 +137,12 @@ def test_get_delete_exists_expire_replies(store):
     assert run(commands, "delete", key="k") == {"deleted": False}
     assert run(commands, "exists", key="k") == {"exists": False}
     assert run(commands, "expire", key="k", ttl=5) == {"updated": False}
+
+
+def test_a_take_moves_a_key_this_node_no_longer_owns_and_copies_one_it_still_holds(store):
+    commands = StoreCommands(store, keeps=lambda key: key == "still-mine")
+    store.set("still-mine", 1, None)
+    store.set("moving", 2, None)
+    reply = commands.execute({"id": 0, "op": "take", "keys": ["still-mine", "moving"]})
+    assert sorted(e[0] for e in reply["entries"]) == ["moving", "still-mine"]
+    assert store.exists("still-mine") and not store.exists("moving")

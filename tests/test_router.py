@@ -639,17 +639,44 @@ def test_a_send_that_raises_keeps_the_entries():
     assert all(h.store.exists(k) for k in to_b)
 
 
-def test_run_keeps_what_this_node_still_holds_as_a_backup():
+def test_with_replicas_every_owner_gets_a_copy_and_a_backup_keeps_its_own():
     h = Handoff(replicas=2)
     placement = h.placement
     backup = keys_of("b", placement, 3, where=lambda k: "a" in placement.owners(k))
     elsewhere = keys_of("b", placement, 3, where=lambda k: "a" not in placement.owners(k))
     for key in backup + elsewhere:
         h.store.set(key, 1, None)
-    h.rebalancer.run(placement)
-    ((owner, request, d),) = h.sends
-    assert owner == "b"
-    assert sorted(e[0] for e in request["entries"]) == sorted(elsewhere)
+    done = h.rebalancer.run(placement)
+    sent = {}
+    for owner, request, d in h.sends:
+        sent[owner] = sorted(e[0] for e in request["entries"])
+        d.callback(ok(0, stored=len(request["entries"])))
+    assert sent["b"] == sorted(backup + elsewhere)  # the primary of all six
+    assert sent["c"] == sorted(elsewhere)  # the other owner of those a does not hold
+    assert result_of(done) == 9
+    assert all(h.store.exists(k) for k in backup)
+    assert not any(h.store.exists(k) for k in elsewhere)
+    # the next run with the same owners sends nothing: they have had every write since
+    h.sends.clear()
+    assert result_of(h.rebalancer.run(placement)) == 0 and h.sends == []
+
+
+def test_an_entry_leaves_only_once_every_owner_has_it():
+    h = Handoff(replicas=2)
+    placement = h.placement
+    keys = keys_of("b", placement, 2, where=lambda k: "a" not in placement.owners(k))
+    for key in keys:
+        h.store.set(key, 1, None)
+    done = h.rebalancer.run(placement)
+    by_owner = {owner: d for owner, _, d in h.sends}
+    by_owner["b"].callback(ok(0, stored=2))
+    assert all(h.store.exists(k) for k in keys)  # c does not have them yet
+    by_owner["c"].callback(err(0, "timeout"))
+    result_of(done)
+    assert all(h.store.exists(k) for k in keys)
+    h.sends.clear()
+    h.rebalancer.run(placement)  # the failed run did not count: both owners again
+    assert sorted(owner for owner, _, _ in h.sends) == ["b", "c"]
 
 
 def test_run_with_nothing_to_move_sends_nothing():

@@ -1035,3 +1035,13 @@ def test_ttls_follow_the_store_clock_not_the_wall_clock():
     store.expire("k", 5)
     monotonic.advance(5)
     assert store.get("k") == (False, None)
+
+
+def test_read_copies_entries_and_tombstones_and_leaves_them(store):
+    store.set("live", 1, 60)
+    store.delete("gone")
+    read = store.read(["live", "gone", "missing"])
+    assert [(e.key, e.value, e.deleted) for e in read] == [
+        ("live", 1, False), ("gone", None, True)]
+    assert store.read(["live"]) == read[:1] and store.exists("live")
+    assert (store.hits, store.misses) == (0, 0)

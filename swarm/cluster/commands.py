@@ -21,9 +21,17 @@ _log = logger(__name__)
 class StoreCommands:
     """Runs the ops that read or write keys, on the local store."""
 
-    def __init__(self, store: IStore, default_ttl: float | None = None) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        default_ttl: float | None = None,
+        keeps: Callable[[str], bool] = lambda key: False,
+    ) -> None:
+        """``keeps(key)``: whether this node still holds ``key`` as one of its owners,
+        so a ``take`` from a new owner copies it rather than moving it."""
         self.store = store
         self.default_ttl = default_ttl or None
+        self._keeps = keeps
         self._handlers: dict[str, Callable[[dict], dict]] = {
             op.name: getattr(self, "handle_" + op.name)
             for op in ops_of(Kind.READ, Kind.WRITE, Kind.INTERNAL)
@@ -76,7 +84,10 @@ class StoreCommands:
         return {"stored": self.merge(r["entries"])}
 
     def handle_take(self, r: dict) -> dict:
-        return {"entries": [e.to_wire() for e in self.store.take(r["keys"])]}
+        kept = [k for k in r["keys"] if self._keeps(k)]
+        moved = [k for k in r["keys"] if not self._keeps(k)]
+        entries = self.store.read(kept) + self.store.take(moved)
+        return {"entries": [e.to_wire() for e in entries]}
 
     def merge(self, entries: Iterable[Any]) -> int:
         """Keep each entry (in its wire form) that is newer than what is held; how many

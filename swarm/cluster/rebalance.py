@@ -1,10 +1,12 @@
 """Rebalancing: entries follow their keys' ownership when the swarm changes.
 
-After every change of view (a node joined, left or became unreachable) this node looks
-for entries whose key it no longer owns and hands them to the new primary owner, in
-chunks, as ``restore`` requests routed like any other; once the owner has them, the
-local copy is dropped (unless it was written again meanwhile), so ``--replicas 1``
-still means one copy. Tombstones travel too. ``restore`` keeps an entry only where it
+After every change of view (a node joined, left or became unreachable) this node hands
+each entry to the owners of its key (the top ``--replicas`` nodes of its partition)
+that may not hold it, in chunks, as ``restore`` requests addressed to them: every owner
+when this node is no longer one of them, else only the owners that were not owners at
+its last complete run (the others have had every write since). An entry this node no
+longer owns is dropped once all its owners have confirmed (unless it was written again
+meanwhile), so ``--replicas 1`` still means one copy. Tombstones travel too. ``restore`` keeps an entry only where it
 is newer than what the owner holds, so whichever copy arrives first, the last write
 wins. A node stopping gracefully does the same with itself left out of the placement,
 before it closes its links.
@@ -55,6 +57,8 @@ class Rebalancer:
         self._running: Deferred | None = None
         self._again = False
         self.moved = 0
+        #: The placement of the last run that handed everything it meant to.
+        self._last: Placement | None = None
 
     def schedule(self) -> None:
         if self._running is not None:
@@ -74,35 +78,61 @@ class Rebalancer:
             self.schedule()
 
     def run(self, placement: Placement) -> Deferred:
-        """Hand every entry this node does not own under ``placement``; fires with the
-        number of entries handed over."""
+        """Hand each entry to the owners under ``placement`` that may not hold it, and
+        drop the ones this node no longer owns once all their owners have them; fires
+        with the number of entries (copies) handed over."""
         return Deferred.fromCoroutine(self._run(placement))
+
+    def _targets(self, key: str, owners: tuple[str, ...]) -> list[str]:
+        """Who gets this node's copy of ``key``: every owner when this node is not one
+        any more; else only owners that were not owners at the last complete run (they
+        had every write since; with one replica that is no one)."""
+        if self.node_id not in owners:
+            return list(owners)
+        before = self._last.owners(key) if self._last is not None else (self.node_id,)
+        return [o for o in owners if o != self.node_id and o not in before]
 
     async def _run(self, placement: Placement) -> int:
         groups: dict[str, list[Entry]] = {}
+        waiting: dict[str, int] = {}  # key of an entry to drop -> owners yet to confirm
         for n, entry in enumerate(self.store.entries(), 1):
             owners = placement.owners(entry.key)
+            targets = self._targets(entry.key, owners)
+            for owner in targets:
+                groups.setdefault(owner, []).append(entry)
             if self.node_id not in owners:
-                groups.setdefault(owners[0], []).append(entry)
+                waiting[entry.key] = len(targets)
             if n % SCAN_SLICE == 0:  # a big store: let the reactor serve meanwhile
                 await deferLater(self.clock, 0, lambda: None)
         sends = [
-            self._hand_over(owner, chunk)
+            self._hand_over(owner, chunk, waiting)
             for owner, entries in groups.items()
-            for chunk in _chunks(entries)
+            for chunk in chunks(entries)
         ]
-        return sum(await gatherResults(sends)) if sends else 0
+        handed = await gatherResults(sends) if sends else []
+        if all(handed):  # else the next run compares with the last complete one
+            self._last = placement
+        return sum(handed)
 
-    def _hand_over(self, owner: str, entries: list[Entry]) -> Deferred:
+    def _hand_over(self, owner: str, entries: list[Entry], waiting: dict[str, int]) -> Deferred:
         request = {"id": 0, "op": "restore", "entries": [e.to_wire() for e in entries]}
 
         def done(reply: dict) -> int:
             if not reply.get("ok"):
                 _log.warn("handing {n} entries to {owner} failed: {error}",
                           n=len(entries), owner=owner, error=reply.get("error"))
-                return 0  # kept here; the next run tries again
+                for entry in entries:  # kept here; the next run tries again
+                    waiting.pop(entry.key, None)
+                return 0
             for entry in entries:
-                self.store.discard(entry.key, entry.version)  # unless rewritten meanwhile
+                left = waiting.get(entry.key)
+                if left is None:
+                    continue
+                if left > 1:
+                    waiting[entry.key] = left - 1
+                else:  # every owner has it: drop it, unless rewritten meanwhile
+                    del waiting[entry.key]
+                    self.store.discard(entry.key, entry.version)
             self.moved += len(entries)
             _log.debug("handed {n} entries to {owner}", n=len(entries), owner=owner)
             return len(entries)
@@ -120,7 +150,8 @@ class Rebalancer:
         self._again = False
 
 
-def _chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
+def chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
+    """``entries`` cut into requests of at most CHUNK entries and about CHUNK_BYTES."""
     chunk: list[Entry] = []
     size = 0
     for entry in entries:

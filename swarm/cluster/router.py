@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
+from swarm.cluster.rebalance import chunks
 from swarm.errors import (
     BadRequest,
     InternalError,
@@ -43,6 +44,9 @@ DEFAULT_MAX_HOPS = 32
 MIGRATION_WINDOW = 10.0
 #: At most this many earlier placements are searched for a missing key.
 MAX_ORIGINS = 8
+#: When a write is acknowledged with --replicas above 1: once every reachable owner has
+#: applied it ("all"), or once the primary has ("one").
+WRITE_ACKS = ("all", "one")
 
 
 class Network(Protocol):
@@ -71,7 +75,11 @@ class QueryRouter:
         replicas: int = 1,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_hops: int = DEFAULT_MAX_HOPS,
+        write_ack: str = "all",
     ) -> None:
+        if write_ack not in WRITE_ACKS:
+            raise ValueError(f"write_ack is one of {', '.join(WRITE_ACKS)}, not {write_ack!r}")
+        self.write_ack = write_ack
         self.node_id = node_id
         self.commands = commands
         self.overlay = overlay
@@ -212,19 +220,45 @@ class QueryRouter:
         nothing old: its new version outranks any copy)."""
         by_owner = {} if op.blind(request) else self._still_elsewhere(op.keys(request))
         if not by_owner:
-            return self._run_local(request)
+            return self._replicated(op, request, self._run_local(request))
         takes = [
             self.send_to(prev, {"id": 0, "op": "take", "keys": ks})
             for prev, ks in by_owner.items()
         ]
 
-        def store_then_run(replies: list[dict]) -> dict:
+        def store_then_run(replies: list[dict]) -> dict | Deferred:
             for reply in replies:
                 if reply.get("ok") and isinstance(reply.get("entries"), list):
                     self.commands.merge(reply["entries"])
-            return self._run_local(request)
+            return self._replicated(op, request, self._run_local(request))
 
         return gatherResults(takes).addCallback(store_then_run)
+
+    # -- replication ------------------------------------------------------------------
+
+    def holds_copy(self, key: str) -> bool:
+        """Whether this node is one of several owners of ``key`` (a take then copies)."""
+        return self.replicas > 1 and self.node_id in self.placement.owners(key)
+
+    def _replicated(self, op: Op, request: dict, reply: dict) -> dict | Deferred:
+        """After a write ran here, as the primary: its entries go to the other owners
+        (as ``restore``, so each keeps the newer version). With ``write_ack`` "all" the
+        reply waits until every reachable owner has applied them; with "one" it goes at
+        once. An owner that cannot be reached is left to the rebalancer."""
+        if op.kind is not Kind.WRITE or self.replicas == 1 or not reply.get("ok"):
+            return reply
+        by_backup: dict[str, list] = {}
+        for entry in self.commands.store.read(op.keys(request)):
+            for node in self.placement.owners(entry.key)[1:]:
+                by_backup.setdefault(node, []).append(entry)
+        copies = [
+            self.send_to(node, {"id": 0, "op": "restore", "entries": [e.to_wire() for e in chunk]})
+            for node, entries in by_backup.items()
+            for chunk in chunks(entries)
+        ]
+        if not copies or self.write_ack == "one":
+            return reply
+        return gatherResults(copies).addCallback(lambda _: reply)
 
     def _run_local(self, request: dict) -> dict:
         """Run ``request`` on this node's store: its ok or error reply."""

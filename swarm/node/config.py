@@ -38,6 +38,7 @@ class NodeConfig:
     peer_port: Any = None
     peers: tuple[str, ...] = ()
     replicas: int = 1
+    write_ack: str = "all"
     max_memory: int = DEFAULT_MAX_MEMORY
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE

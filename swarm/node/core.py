@@ -69,9 +69,11 @@ class NodeCore:
             on_view_change=self._view_changed,
             handle_request=lambda *request: self.router.route_forwarded(*request),
         )
+        commands = StoreCommands(self.store, config.default_ttl,
+                                 keeps=lambda key: self.router.holds_copy(key))
         self.router = QueryRouter(
-            config.node_id, StoreCommands(self.store, config.default_ttl), self.stats,
-            self.overlay, replicas=config.replicas, request_timeout=config.request_timeout,
+            config.node_id, commands, self.stats, self.overlay, replicas=config.replicas,
+            request_timeout=config.request_timeout, write_ack=config.write_ack,
         )
         self.rebalancer = Rebalancer(
             config.node_id, self.store, lambda: self.router.placement,

@@ -12,6 +12,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from swarm import logs
+from swarm.cluster.router import WRITE_ACKS
 from swarm.mesh.dialer import peer_endpoint_description
 from swarm.mesh.peer_wire import MAX_REQUEST_MS
 from swarm.node.config import (
@@ -102,7 +103,11 @@ class Options(usage.Options):
          "Default: peers use /peer on --port."],
         ["swarm", None, DEFAULT_SWARM,
          "Swarm name; links between nodes of different swarms are refused."],
-        ["replicas", None, 1, "How many nodes hold each key.", _positive_int],
+        ["replicas", None, 1,
+         "How many nodes hold each key: every write goes to each of them.", _positive_int],
+        ["write-ack", None, "all",
+         "With --replicas above 1, acknowledge a write once every reachable owner has "
+         "applied it (all) or once the primary has (one)."],
         ["request-timeout", None, DEFAULT_REQUEST_TIMEOUT,
          "Seconds a request may take end to end, hops included (at most a day).",
          _request_seconds],
@@ -138,6 +143,8 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{option} {self[option]!r} is not an endpoint: {e}"
                 ) from None
+        if self["write-ack"] not in WRITE_ACKS:
+            raise usage.UsageError(f"--write-ack must be one of {', '.join(WRITE_ACKS)}")
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(
                 f"--log-level must be one of {', '.join(logs.LEVELS)}"

@@ -66,6 +66,10 @@ class IStore(Interface):
         """Drop ``key`` only if it is still at ``version`` (after a handoff: a key
         written again meanwhile stays)."""
 
+    def read(keys: list[str]) -> list[Entry]:
+        """The live entries and tombstones among ``keys``, left in place (to copy
+        them to the other replicas); counts no hit or miss."""
+
     def take(keys: list[str]) -> list[Entry]:
         """Remove and return the live entries and tombstones among ``keys``."""
 

@@ -260,14 +260,15 @@ class MemoryStore:
         self._remove(key, slot)
         return True
 
-    def take(self, keys: list[str]) -> list[Entry]:
+    def read(self, keys: list[str]) -> list[Entry]:
         now = self._clock.seconds()
-        taken = []
-        for key in keys:
-            slot = self._current(key)
-            if slot is not None:
-                taken.append(self._entry_of(key, slot, now))
-                self._remove(key, slot)
+        return [self._entry_of(key, slot, now) for key in keys
+                if (slot := self._current(key)) is not None]
+
+    def take(self, keys: list[str]) -> list[Entry]:
+        taken = self.read(keys)
+        for entry in taken:
+            self._remove(entry.key, self._entries[entry.key])
         return taken
 
     # -- bookkeeping ----------------------------------------------------------------

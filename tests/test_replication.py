@@ -1,0 +1,124 @@
+"""``--replicas N``: every write reaches the N owners of its key, copies follow the
+owners through joins, leaves and crashes, and a crashed node loses nothing. In the
+in-memory simulator (swarm.simulator), deterministic."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.simulator import Swarm
+
+KEYS = [f"k{i}" for i in range(60)]
+
+
+def swarm_of(count: int, edges, replicas: int, **config) -> Swarm:
+    swarm = Swarm(replicas=replicas, **config)
+    swarm.build(count, edges)
+    return swarm
+
+
+def holders(swarm: Swarm, key: str) -> set[str]:
+    return {n.id for n in swarm.nodes.values() if n.running and n.store.exists(key)}
+
+
+def owners(swarm: Swarm, key: str, via: str) -> set[str]:
+    return set(swarm.call(via, "owner", key=key)["nodes"])
+
+
+def write_keys(swarm: Swarm, via: str, value="v") -> None:
+    for key in KEYS:
+        assert swarm.call(via, "set", key=key, value=value)["stored"]
+
+
+def assert_held_by_their_owners(swarm: Swarm, via: str) -> None:
+    for key in KEYS:
+        assert holders(swarm, key) == owners(swarm, key, via), key
+
+
+def assert_read_everywhere(swarm: Swarm, value="v") -> None:
+    for node in swarm.nodes.values():
+        if node.running:
+            got = {k: swarm.call(node.id, "get", key=k)["value"] for k in KEYS}
+            assert got == dict.fromkeys(KEYS, value), node.id
+
+
+def test_every_write_reaches_each_owner_and_no_other_node():
+    swarm = swarm_of(4, [(0, 1), (1, 2), (2, 3)], replicas=2)
+    write_keys(swarm, "n0")
+    assert_held_by_their_owners(swarm, "n3")
+    assert all(len(holders(swarm, k)) == 2 for k in KEYS)
+    assert swarm.call("n3", "delete", key=KEYS[0])["deleted"] is True
+    assert holders(swarm, KEYS[0]) == set()  # the tombstone reached both owners
+
+
+def test_one_copy_stays_one_copy():
+    swarm = swarm_of(3, [(0, 1), (1, 2)], replicas=1)
+    write_keys(swarm, "n0")
+    assert all(len(holders(swarm, k)) == 1 for k in KEYS)
+
+
+@pytest.mark.parametrize("victim", ["n0", "n1", "n2"])
+def test_a_crashed_node_loses_nothing_and_the_copies_come_back_to_two(victim):
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2)
+    write_keys(swarm, "n0")
+    swarm.crash(victim)
+    swarm.settle()
+    assert_read_everywhere(swarm)
+    survivor = next(n for n in swarm.nodes if n != victim)
+    assert_held_by_their_owners(swarm, survivor)  # two copies again, on the survivors
+
+
+def test_three_replicas_on_a_ring_of_five_survive_two_crashes_at_once():
+    swarm = swarm_of(5, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2)], replicas=3)
+    write_keys(swarm, "n0")
+    swarm.crash("n3")
+    swarm.crash("n4")
+    swarm.settle()
+    assert_read_everywhere(swarm)
+    assert_held_by_their_owners(swarm, "n0")
+
+
+def test_a_join_and_a_graceful_leave_move_every_copy_to_its_owners():
+    swarm = swarm_of(3, [(0, 1), (1, 2)], replicas=2)
+    write_keys(swarm, "n0")
+    swarm.add("n3")
+    swarm.link("n3", "n2")
+    swarm.settle()
+    assert_read_everywhere(swarm)
+    assert_held_by_their_owners(swarm, "n3")
+    swarm.stop("n1")
+    swarm.link("n0", "n2")  # n1 was the middle of the line
+    swarm.settle()
+    assert_read_everywhere(swarm)
+    assert_held_by_their_owners(swarm, "n0")
+
+
+def test_increments_through_every_node_stay_exact():
+    swarm = swarm_of(3, [(0, 1), (1, 2)], replicas=2)
+    for i in range(30):
+        swarm.call(f"n{i % 3}", "incr", key="hits")
+    for node in swarm.nodes:
+        assert swarm.call(node, "get", key="hits")["value"] == 30
+    (primary, *_) = swarm.call("n0", "owner", key="hits")["nodes"]
+    swarm.crash(primary)
+    swarm.settle()
+    survivor = next(n for n in swarm.nodes if n != primary)
+    assert swarm.call(survivor, "incr", key="hits")["value"] == 31
+
+
+@pytest.mark.parametrize("ack, waits", [("all", True), ("one", False)])
+def test_write_ack_says_whether_a_write_waits_for_the_other_owners(ack, waits):
+    swarm = Swarm(replicas=2, write_ack=ack)
+    for n in ("n0", "n1"):
+        swarm.add(n)
+    swarm.link("n0", "n1", latency=0.5)  # the backup is far away
+    swarm.settle()
+    key = next(k for k in (f"k{i}" for i in range(100))
+               if swarm.call("n0", "owner", key=k)["nodes"][0] == "n0")
+    started = swarm.clock.seconds()
+    swarm.call("n0", "set", key=key, value="v")
+    took = swarm.clock.seconds() - started
+    assert (took >= 1.0) is waits  # one round trip to the backup, or none
+    assert swarm["n1"].store.get(key) == ((True, "v") if waits else (False, None))
+    swarm.run(1.1)
+    assert swarm["n1"].store.get(key) == (True, "v")
