@@ -122,3 +122,59 @@ def test_write_ack_says_whether_a_write_waits_for_the_other_owners(ack, waits):
     assert swarm["n1"].store.get(key) == ((True, "v") if waits else (False, None))
     swarm.run(1.1)
     assert swarm["n1"].store.get(key) == (True, "v")
+
+
+def primary_of(swarm: Swarm, key: str, via: str = "n0") -> str:
+    return swarm.call(via, "owner", key=key)["nodes"][0]
+
+
+def key_elsewhere(swarm: Swarm, via: str, avoid: str | None = None) -> str:
+    """A key whose primary is neither ``via`` nor ``avoid``."""
+    return next(k for k in (f"key{i}" for i in range(1000))
+                if primary_of(swarm, k, via) not in (via, avoid))
+
+
+@pytest.mark.parametrize("how", ["crash", "freeze"])
+def test_a_read_on_its_way_to_a_primary_that_dies_is_answered_by_the_next_owner(how):
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2)
+    key = key_elsewhere(swarm, "n0")
+    assert swarm.call("n0", "set", key=key, value="v")["stored"]
+    primary = primary_of(swarm, key)
+    for conn in swarm.open_connections("n0", primary):
+        conn.latency = 0.2  # the read is still on its way when the primary goes
+    read = swarm["n0"].request("get", key=key)
+    swarm.run(0.05)
+    if how == "crash":
+        swarm.crash(primary)  # its sockets close at once
+    else:
+        swarm.freeze(primary)  # dropped after the ping timeout, inside the deadline
+    assert swarm.wait(read, timeout=6) == {"id": 0, "ok": True, "found": True, "value": "v"}
+    assert swarm["n0"].core.router.retried == 1
+
+
+def test_a_read_relayed_through_a_node_that_dies_goes_around_it():
+    swarm = swarm_of(4, [(0, 1), (1, 2), (2, 3), (3, 0)], replicas=1)
+    key = next(k for k in (f"key{i}" for i in range(1000)) if primary_of(swarm, k) == "n2")
+    assert swarm.call("n0", "set", key=key, value="v")["stored"]
+    relay = swarm["n0"].core.overlay.membership.next_hop("n2")
+    for conn in swarm.open_connections("n0", relay):
+        conn.latency = 0.2
+    read = swarm["n0"].request("get", key=key)
+    swarm.run(0.3)  # past the relay, on its way to n2
+    swarm.crash(relay)
+    assert swarm.wait(read, timeout=6)["value"] == "v"
+
+
+def test_a_write_on_its_way_to_a_primary_that_dies_is_not_sent_again():
+    """It may have run (a frozen node runs it when it thaws): answered unavailable."""
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2)
+    key = key_elsewhere(swarm, "n0")
+    primary = primary_of(swarm, key)
+    for conn in swarm.open_connections("n0", primary):
+        conn.latency = 0.2
+    incr = swarm["n0"].request("incr", key=key)
+    swarm.run(0.05)
+    swarm.crash(primary)
+    with pytest.raises(Exception, match="lost"):
+        swarm.wait(incr, timeout=6)
+    assert swarm["n0"].core.router.retried == 0

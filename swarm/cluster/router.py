@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import deferLater
 
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
@@ -80,6 +81,8 @@ class QueryRouter:
         if write_ack not in WRITE_ACKS:
             raise ValueError(f"write_ack is one of {', '.join(WRITE_ACKS)}, not {write_ack!r}")
         self.write_ack = write_ack
+        #: Requests routed again after the way to their owner was lost on them.
+        self.retried = 0
         self.node_id = node_id
         self.commands = commands
         self.overlay = overlay
@@ -166,7 +169,37 @@ class QueryRouter:
         owner = self.placement.primary(request["key"])
         if owner == self.node_id:
             return self._execute_owned(op, request)
-        return self._forward(owner, request, timeout, hops)
+        return self._forward_key_op(op, owner, request, timeout, hops)
+
+    def _forward_key_op(
+        self, op: Op, owner: str, request: dict, timeout: float, hops: int
+    ) -> Deferred:
+        """Forward a key op toward ``owner``; when the way there is lost while the
+        request is on it (the owner or a relay died, and the view changed since), a
+        read is routed again in the time it has left: to the next owner, which holds a
+        copy with replicas, or around the dead relay. A write is not: the node may be
+        frozen rather than dead, run the first attempt when it thaws, and so undo a
+        later acknowledged write."""
+        d = self._forward(owner, request, timeout, hops)
+        if op.kind is not Kind.READ:
+            return d
+        clock, membership = self.overlay.clock, self.overlay.membership
+        sent, placement, via = clock.seconds(), self.placement, membership.next_hop(owner)
+
+        def again(reply: dict) -> dict | Deferred:
+            left = timeout - (clock.seconds() - sent)
+            if left <= 0 or (self.placement is placement and membership.next_hop(owner) == via):
+                return reply  # the same way again would meet the same end
+            self.retried += 1
+            return self.route(request, left, hops)
+
+        def lost(reply: dict) -> dict | Deferred:
+            if reply.get("ok") or (reply.get("error") or {}).get("code") != "unavailable":
+                return reply
+            # the view changes in the turn that fails the link's requests: look after it
+            return deferLater(clock, 0, lambda: None).addCallback(lambda _: again(reply))
+
+        return d.addCallback(lost)
 
     def _forward(
         self, node: str, request: dict, timeout: float, hops: int, addressed: bool = False
@@ -197,7 +230,8 @@ class QueryRouter:
             groups.setdefault(primary(key), []).append(key)
         parts = {owner: op.part(request, keys) for owner, keys in groups.items()}
         local = parts.pop(self.node_id, None)
-        replies = [self._forward(owner, part, timeout, hops) for owner, part in parts.items()]
+        replies = [self._forward_key_op(op, owner, part, timeout, hops)
+                   for owner, part in parts.items()]
         if local is not None:
             replies.append(self._execute_owned(op, local))
 

@@ -152,6 +152,7 @@ class NodeCore:
         stats["peers"] = len(self.overlay.neighbors)
         stats["peer_links"] = self.overlay.link_count()  # spares included
         stats["swarm_nodes"] = len(self.overlay.membership.reachable)
+        stats["retried"] = self.router.retried
         stats.update(self._extra_stats())
         return stats
 
