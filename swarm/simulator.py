@@ -55,6 +55,7 @@ class SimNode:
         """Start afresh: an empty store and a new incarnation (a process restart)."""
         clock = self.swarm.clock
         self.core = NodeCore(self.config, clock, wall=self.wall, monotonic=clock)
+        self.core.start()
         self.running = True
         self._sweeper = LoopingCall(self.core.store.sweep, 500)
         self._sweeper.clock = clock
@@ -63,6 +64,7 @@ class SimNode:
     def halt(self) -> None:
         """Stop at once, with nothing handed over (a crash)."""
         self.running = False
+        self.core.stop()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
 

@@ -31,7 +31,7 @@ def test_every_op_runs_where_its_kind_says():
 
 def test_clients_may_not_send_internal_ops_but_peers_may():
     internal = [op.name for op in OPS.values() if op.kind is Kind.INTERNAL]
-    assert internal == ["restore", "take"]
+    assert internal == ["restore", "compare", "take"]
     assert not set(internal) & set(CLIENT_OPS)
     peer_parser = RequestParser(internal=True)
     assert peer_parser.parse({"id": 0, "op": "take", "keys": ["k"]})["keys"] == ["k"]
@@ -39,6 +39,7 @@ def test_clients_may_not_send_internal_ops_but_peers_may():
 
 @pytest.mark.parametrize("raw", [
     {"id": 0, "op": "take", "keys": ["k"]},
+    {"id": 0, "op": "compare", "digests": {0: 1}},
     {"id": 0, "op": "restore", "entries": [["k", "v", None, [1, 0, "b"], False]]},
 ])
 def test_an_internal_op_that_names_no_node_is_a_bad_request_not_a_crash(raw):

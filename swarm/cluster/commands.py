@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from swarm.cluster.antientropy import compare
 from swarm.errors import SwarmError
 from swarm.logs import logger
 from swarm.protocol.entry import Entry
@@ -88,6 +89,10 @@ class StoreCommands:
         moved = [k for k in r["keys"] if not self._keeps(k)]
         entries = self.store.read(kept) + self.store.take(moved)
         return {"entries": [e.to_wire() for e in entries]}
+
+    def handle_compare(self, r: dict) -> dict:
+        differ, entries = compare(self.store, r["digests"])
+        return {"differ": differ, "entries": [e.to_wire() for e in entries]}
 
     def merge(self, entries: Iterable[Any]) -> int:
         """Keep each entry (in its wire form) that is newer than what is held; how many

@@ -14,8 +14,10 @@ import time
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 
+from swarm.cluster.antientropy import INTERVAL as ANTI_ENTROPY_INTERVAL
+from swarm.cluster.antientropy import AntiEntropy
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
 from swarm.cluster.rebalance import Rebalancer
@@ -34,6 +36,8 @@ _log = logger(__name__)
 #: How long a stopping node may spend handing its entries to their next owners, and
 #: then waiting for its peers to answer its bye and for the requests it serves to finish.
 HANDOFF_GRACE = 5.0
+#: After a change of view, an anti-entropy round runs this much later (handoffs first).
+AFTER_CHANGE = 2.0
 
 
 class MonotonicClock:
@@ -79,6 +83,13 @@ class NodeCore:
             config.node_id, self.store, lambda: self.router.placement,
             self.router.send_to, clock,
         )
+        self.anti_entropy = AntiEntropy(
+            config.node_id, self.store, lambda: self.router.placement,
+            self.router.send_to, commands.merge,
+        )
+        self._rounds = LoopingCall(self._anti_entropy)
+        self._rounds.clock = clock
+        self._after_change = None
         self._extra_stats = extra_stats
 
     def _view_changed(self) -> None:
@@ -90,12 +101,29 @@ class NodeCore:
             owners=len(membership.owners),
         )
         self.rebalancer.schedule()
+        if self._rounds.running:  # a round once the handoffs have settled
+            if self._after_change is not None and self._after_change.active():
+                self._after_change.cancel()
+            self._after_change = self.clock.callLater(AFTER_CHANGE, self._anti_entropy)
+
+    def _anti_entropy(self) -> None:
+        self.anti_entropy.run().addErrback(
+            lambda f: _log.failure("anti-entropy round failed", f))
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def rejoin(self) -> None:
-        """Own keys again (after a stop, the same core started again)."""
+    def start(self) -> None:
+        """Own keys (again, after a stop) and compare copies every INTERVAL seconds."""
         self.overlay.leave(False)
+        if not self._rounds.running:
+            self._rounds.start(ANTI_ENTROPY_INTERVAL, now=False)
+
+    def stop(self) -> None:
+        """No more anti-entropy rounds (after :meth:`leave`, or at a crash)."""
+        if self._rounds.running:
+            self._rounds.stop()
+        if self._after_change is not None and self._after_change.active():
+            self._after_change.cancel()
 
     def leave(self) -> Deferred:
         """Leave placement everywhere, hand every entry to its next owner, then close
@@ -153,6 +181,8 @@ class NodeCore:
         stats["peer_links"] = self.overlay.link_count()  # spares included
         stats["swarm_nodes"] = len(self.overlay.membership.reachable)
         stats["retried"] = self.router.retried
+        stats["anti_entropy_rounds"] = self.anti_entropy.rounds
+        stats["repairs"] = self.anti_entropy.repairs
         stats.update(self._extra_stats())
         return stats
 

@@ -227,7 +227,7 @@ class SwarmNode(MultiService, CacheOps):
     def startService(self) -> None:
         self._started_at = self.reactor.seconds()
         self._stopping = False
-        self.core.rejoin()  # started again after a stop: an owner once more
+        self.core.start()  # started again after a stop: an owner once more
         super().startService()
         _log.info(
             "swarmcache {version} node {node} started", version=swarm.__version__,
@@ -238,6 +238,7 @@ class SwarmNode(MultiService, CacheOps):
         """Hand this node's entries to their next owners, then close everything."""
         _log.info("node {node} stopping", node=self.node_id)
         self._stopping = True
+        self.core.stop()
         return self.core.leave().addCallback(lambda _: MultiService.stopService(self))
 
     def when_listening(self) -> Deferred:

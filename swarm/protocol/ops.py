@@ -136,6 +136,10 @@ OPS: dict[str, Op] = {op.name: op for op in [
     # where it is newer than what the owner holds, so the last write wins.
     Op("restore", Kind.INTERNAL, "merge entries handed over by another node",
        (Arg("entries", "entries"),)),
+    # Anti-entropy: partition -> digest of the asker's copies; the answer names the
+    # partitions that differ and carries this node's entries in them.
+    Op("compare", Kind.INTERNAL, "compare partition digests with another owner",
+       (Arg("digests", "digests"),)),
     # Moving entries from their previous owner on demand, right after a change.
     Op("take", Kind.INTERNAL, "remove and return entries for their new owner",
        (Arg("keys", "keys"),)),

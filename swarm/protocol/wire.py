@@ -268,6 +268,7 @@ class RequestParser:
             "keys": self._keys,
             "items": self._items,
             "entries": self._entries,
+            "digests": self._digests,
         }
 
     def parse(self, obj: Any) -> dict:
@@ -358,4 +359,12 @@ class RequestParser:
                 raise BadRequest(f"each of {name}: {e}") from None
             self._key("each key", entry.key)
             self._value("each value", entry.value)
+        return v
+
+    def _digests(self, name: str, v: Any) -> dict:
+        if not isinstance(v, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**64
+            for item in v.items() for n in item
+        ):
+            raise BadRequest(f"{name} must map partition numbers to 64-bit digests")
         return v

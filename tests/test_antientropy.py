@@ -1,0 +1,94 @@
+"""Anti-entropy: owners compare partition digests and exchange only what differs.
+Unit tests of swarm.cluster.antientropy, then rounds in the simulator."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from swarm.cluster.antientropy import INTERVAL, compare, digests, entry_hash
+from swarm.cluster.placement import partition_of
+from swarm.node.core import AFTER_CHANGE
+from swarm.protocol.entry import Entry
+from swarm.simulator import Swarm
+from swarm.store.memory import MemoryStore
+
+
+def entry(key, version, deleted=False):
+    return Entry(key, None if deleted else "v", None, version, deleted)
+
+
+def test_a_digest_covers_keys_versions_and_tombstones_and_not_the_order():
+    a, b = entry("a", (1, 0, "n")), entry("b", (2, 0, "n"))
+    p = {partition_of("a"), partition_of("b")}
+    assert digests([a, b], p) == digests([b, a], p)
+    assert digests([a], p) != digests([entry("a", (1, 1, "n"))], p)
+    assert entry_hash(entry("a", (1, 0, "n"))) != entry_hash(entry("a", (1, 0, "n"), True))
+    assert digests([], [7]) == {7: 0}
+
+
+def test_compare_names_the_partitions_that_differ_and_returns_their_entries():
+    store = MemoryStore(Clock())
+    store.set("same", 1, None)
+    store.set("differs", 2, None)
+    theirs = digests(store.entries(), {partition_of("same"), partition_of("differs")})
+    theirs[partition_of("differs")] ^= 1  # the other owner's copy is another version
+    differ, entries = compare(store, theirs)
+    assert differ == [partition_of("differs")]
+    assert [e.key for e in entries] == ["differs"]
+    assert compare(store, digests(store.entries(), theirs)) == ([], [])
+
+
+def two_owners():
+    swarm = Swarm(replicas=2)
+    swarm.build(2, [(0, 1)])
+    keys = [f"k{i}" for i in range(40)]
+    for key in keys:
+        swarm.call("n0", "set", key=key, value="v1")
+    return swarm, keys
+
+
+def test_an_idle_round_between_equal_owners_moves_no_entry():
+    swarm, keys = two_owners()
+    rounds = [swarm[n].core.anti_entropy.rounds for n in ("n0", "n1")]
+    swarm.run(INTERVAL + 1)
+    assert [swarm[n].core.anti_entropy.rounds for n in ("n0", "n1")] == [r + 1 for r in rounds]
+    assert all(swarm[n].core.anti_entropy.repairs == 0 for n in ("n0", "n1"))
+    assert swarm.call("n0", "stats")["stats"]["anti_entropy_rounds"] >= 1
+
+
+def test_copies_that_diverged_converge_to_the_newer_within_one_round():
+    swarm, keys = two_owners()
+    newer = swarm["n1"].core.store.hlc.now()[0] + 1000
+    # as if each side had missed a write while apart: n1 has newer copies of some keys,
+    # n0 of others, and a delete only n0 saw
+    for i, key in enumerate(keys[:10]):
+        swarm["n1"].store.put(Entry(key, "n1 newer", None, (newer, i, "n1")))
+    for i, key in enumerate(keys[10:20]):
+        swarm["n0"].store.put(Entry(key, "n0 newer", None, (newer, i, "n0")))
+    swarm["n0"].store.put(Entry(keys[20], None, 300, (newer, 0, "n0"), deleted=True))
+    swarm.run(INTERVAL + 1)
+    for node in ("n0", "n1"):
+        store = swarm[node].store
+        assert [store.get(k)[1] for k in keys[:10]] == ["n1 newer"] * 10, node
+        assert [store.get(k)[1] for k in keys[10:20]] == ["n0 newer"] * 10, node
+        assert store.exists(keys[20]) is False, node
+        assert [store.get(k)[1] for k in keys[21:]] == ["v1"] * 19, node
+    assert sum(swarm[n].core.anti_entropy.repairs for n in ("n0", "n1")) == 21
+
+
+def test_a_round_follows_each_change_of_view():
+    swarm, _ = two_owners()
+    swarm.add("n2")
+    before = swarm["n0"].core.anti_entropy.rounds + swarm["n1"].core.anti_entropy.rounds
+    swarm.link("n2", "n1")
+    swarm.settle()
+    swarm.run(AFTER_CHANGE)
+    after = sum(swarm[n].core.anti_entropy.rounds for n in ("n0", "n1", "n2"))
+    assert after > before
+
+
+def test_one_replica_runs_no_round():
+    swarm = Swarm(replicas=1)
+    swarm.build(2, [(0, 1)])
+    swarm.run(INTERVAL + 1)
+    assert all(swarm[n].core.anti_entropy.rounds == 0 for n in ("n0", "n1"))
