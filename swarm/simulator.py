@@ -259,11 +259,17 @@ class Swarm:
         connection behind what it carries; the links it had."""
         node = self.nodes[node_id]
         self.wait(node.core.leave(), timeout=30)
+        links = self.close(node_id)
+        node.halt()
+        return links
+
+    def close(self, node_id: str) -> list[tuple[str, str]]:
+        """Close the node's connections as a stopping node does, each behind the frames
+        it carries; the links it had."""
         conns = self.open_connections(node_id)
         for conn in conns:
             conn.close_after_flight("node shutting down")
         self.until(lambda: not any(c.open for c in conns), what="the connections to close")
-        node.halt()
         return [c.nodes for c in conns]
 
     def restart(self, node_id: str, links=None, graceful: bool = True) -> SimNode:

@@ -12,14 +12,6 @@ from swarm.node.core import HANDOFF_GRACE
 from swarm.simulator import Swarm
 
 
-def close(swarm: Swarm, node_id: str) -> None:
-    """``node_id`` closes its connections once its leave is over, as a stopping node
-    does: what it sent before the close still arrives."""
-    for conn in swarm.open_connections(node_id):
-        conn.close_after_flight("node shutting down")
-    swarm.until(lambda: not swarm.open_connections(node_id))
-
-
 def key_owned_by(swarm: Swarm, node_id: str, via: str) -> str:
     placement = swarm[via].core.router.placement
     return next(k for k in (f"k{i}" for i in range(1000)) if placement.primary(k) == node_id)
@@ -40,7 +32,7 @@ def test_a_write_on_its_way_to_a_stopping_node_is_served_before_it_closes():
     leaving = swarm["n0"].core.leave()
     write = swarm["n1"].request("set", key=key, value="v")
     swarm.wait(leaving)
-    close(swarm, "n0")
+    swarm.close("n0")
     assert swarm.wait(write)["ok"]
     swarm.settle()
     assert [swarm.call(n, "get", key=key)["value"] for n in ("n1", "n2")] == ["v", "v"]
@@ -67,7 +59,7 @@ def test_traffic_relayed_through_a_stopping_node_moves_off_it_and_none_is_lost()
     started = swarm.clock.seconds()
     swarm.wait(swarm["n0"].core.leave(), timeout=2 * HANDOFF_GRACE)
     took = swarm.clock.seconds() - started
-    close(swarm, "n0")
+    swarm.close("n0")
     swarm.run(0.1)
     reads.stop()
     swarm.run(1.0)  # the last reads come back

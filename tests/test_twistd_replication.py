@@ -13,11 +13,8 @@ KEYS = [f"k{i}" for i in range(100)]
 
 @pytest_twisted.async_yield_fixture
 async def swarm(tmp_path):
-    s = Swarm(tmp_path, "--replicas", "2", *PINGS)
-    try:
+    async with Swarm(tmp_path, "--replicas", "2", *PINGS) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.mark.parametrize("victim", ["p1", "p2"])

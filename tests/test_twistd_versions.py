@@ -202,11 +202,8 @@ class History:
 
 @pytest_twisted.async_yield_fixture
 async def swarm(tmp_path):
-    s = Swarm(tmp_path, "--replicas", "1", *PINGS)
-    try:
+    async with Swarm(tmp_path, "--replicas", "1", *PINGS) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest_twisted.async_yield_fixture

@@ -370,6 +370,12 @@ class Swarm:
     def logs(self) -> str:
         return "\n".join(p.describe() for p in self._started)
 
+    async def __aenter__(self) -> Swarm:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
     async def close(self) -> None:
         try:
             for forwarder in self._forwarders:

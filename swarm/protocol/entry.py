@@ -26,9 +26,6 @@ from typing import Any, Callable
 #: (wall-clock milliseconds, counter, node id): compare as tuples.
 Version = tuple[int, int, str]
 
-#: Older than every version a node makes.
-ZERO: Version = (0, 0, "")
-
 
 class HybridClock:
     """One node's source of versions: wall-clock time that never runs backwards."""
@@ -54,11 +51,6 @@ class HybridClock:
         """Move past ``version`` (from another node), so the next write outranks it."""
         if (version[0], version[1]) > (self._ms, self._counter):
             self._ms, self._counter = version[0], version[1]
-
-    @property
-    def latest(self) -> Version:
-        """The greatest (ms, counter) made or seen so far, with this node's id."""
-        return (self._ms, self._counter, self.node_id)
 
 
 @dataclass(frozen=True, slots=True)
