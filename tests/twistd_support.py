@@ -396,3 +396,82 @@ async def close_quietly(client: SwarmClient, timeout: float = 2.0) -> None:
     d.addTimeout(timeout, reactor)
     d.addErrback(lambda _: None)
     await d
+
+
+# -- load while the swarm changes --------------------------------------------------------
+
+
+class Writer:
+    """Overwrites ``keys`` keys in turn with ever larger integers, one write at a time,
+    through whichever of ``clients()`` comes next, until :meth:`stop` or ``limit``
+    writes. It records the highest value each key was *acknowledged* with and the
+    highest it was *sent* with, so :meth:`problems` can tell a lost or stale key (below
+    the acknowledged value) from a write that failed but applied (allowed)."""
+
+    def __init__(self, clients: Callable[[], dict[str, SwarmClient]], keys: int = 200,
+                 prefix: str = "w", limit: int = 100_000) -> None:
+        self.keys = [f"{prefix}{i}" for i in range(keys)]
+        self._clients = clients
+        self._limit = limit
+        self.acked: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.failures: dict[str, int] = {}  # error type or code -> count
+        self.acknowledged = 0
+        self._stopping = False
+        self._done: Any = None
+
+    def start(self) -> Writer:
+        from twisted.internet.defer import Deferred
+
+        self._done = Deferred.fromCoroutine(self._run())
+        return self
+
+    async def _run(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        for n in range(1, self._limit + 1):
+            if self._stopping:
+                return
+            clients = list(self._clients().values())
+            if not clients:
+                await deferLater(reactor, POLL, lambda: None)
+                continue
+            key = self.keys[n % len(self.keys)]
+            self.sent[key] = n
+            try:
+                await clients[n % len(clients)].set(key, n)
+            except Exception as e:
+                name = getattr(e, "code", None) or type(e).__name__
+                self.failures[name] = self.failures.get(name, 0) + 1
+                await deferLater(reactor, 0.01, lambda: None)  # a dead node: move on
+            else:
+                self.acked[key] = n
+                self.acknowledged += 1
+
+    async def until(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``count`` more writes have been acknowledged."""
+        target = self.acknowledged + count
+
+        async def enough() -> bool:
+            return self.acknowledged >= target
+
+        await eventually(enough, f"{count} acknowledged writes", timeout)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._done
+
+    async def problems(self, client: SwarmClient) -> list[str]:
+        """What ``client`` reads that breaks the rules: a key missing or older than its
+        last acknowledged write, or a value never sent."""
+        values = await client.mget(self.keys)
+        found = []
+        for key, acked in self.acked.items():
+            value = values.get(key)
+            if value is None:
+                found.append(f"{key} missing (acknowledged {acked})")
+            elif not acked <= value <= self.sent[key]:
+                found.append(f"{key} = {value} (acknowledged {acked}, sent up to "
+                             f"{self.sent[key]})")
+        return found
