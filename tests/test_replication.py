@@ -178,3 +178,16 @@ def test_a_write_on_its_way_to_a_primary_that_dies_is_not_sent_again():
     with pytest.raises(Exception, match="lost"):
         swarm.wait(incr, timeout=6)
     assert swarm["n0"].core.router.retried == 0
+
+
+def test_stats_count_copies_by_role():
+    swarm = swarm_of(3, [(0, 1), (1, 2)], replicas=2)
+    write_keys(swarm, "n0")
+    stats = {n: swarm.call(n, "stats")["stats"] for n in swarm.nodes}
+    for node, s in stats.items():
+        primary = sum(swarm.call(node, "owner", key=k)["nodes"][0] == node for k in KEYS)
+        assert s["primary_copies"] == primary
+        assert s["primary_copies"] + s["replica_copies"] == s["keys"]
+        assert s["other_copies"] == 0
+    assert sum(s["primary_copies"] for s in stats.values()) == len(KEYS)
+    assert sum(s["replica_copies"] for s in stats.values()) == len(KEYS)

@@ -742,7 +742,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @initialize()
     def setup(self):
         self.clock = Clock()
-        self.store = MemoryStore(self.clock, max_memory=10**9)
+        self.store = MemoryStore(self.clock, max_memory=10**9, partition=len)
         self.model: dict[str, tuple[object, float | None]] = {}
         self.hits = self.misses = 0
 
@@ -856,6 +856,11 @@ class StoreAgainstModel(RuleBasedStateMachine):
             if self.live(key) is not None:
                 assert key in store._entries
         assert (store.hits, store.misses, store.evictions) == (self.hits, self.misses, 0)
+        by_partition: dict[int, int] = {}
+        for key in self.model:
+            if self.live(key) is not None:  # partition=len: a key's length
+                by_partition[len(key)] = by_partition.get(len(key), 0) + 1
+        assert store.partition_counts() == by_partition
 
 
 TestStoreAgainstModel = StoreAgainstModel.TestCase

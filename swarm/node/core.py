@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from swarm.cluster.antientropy import INTERVAL as ANTI_ENTROPY_INTERVAL
 from swarm.cluster.antientropy import AntiEntropy
 from swarm.cluster.commands import StoreCommands
-from swarm.cluster.placement import Placement
+from swarm.cluster.placement import Placement, partition_of
 from swarm.cluster.rebalance import Rebalancer
 from swarm.cluster.router import QueryRouter
 from swarm.errors import SwarmError, error_from_wire
@@ -66,6 +66,7 @@ class NodeCore:
             max_memory=config.max_memory,
             max_value_bytes=config.max_value_size,
             hlc=HybridClock(config.node_id, wall),
+            partition=partition_of,
         )
         self.parser = RequestParser(config.limits)
         self.overlay = Overlay(
@@ -180,11 +181,27 @@ class NodeCore:
         stats["peers"] = len(self.overlay.neighbors)
         stats["peer_links"] = self.overlay.link_count()  # spares included
         stats["swarm_nodes"] = len(self.overlay.membership.reachable)
+        stats.update(self._copies(stats["keys"]))
         stats["retried"] = self.router.retried
         stats["anti_entropy_rounds"] = self.anti_entropy.rounds
         stats["repairs"] = self.anti_entropy.repairs
         stats.update(self._extra_stats())
         return stats
+
+
+    def _copies(self, keys: int) -> dict[str, int]:
+        """The live entries held as the primary of their partition, as one of its
+        other owners, and as neither (on their way to their owners after a change)."""
+        placement, me = self.router.placement, self.node_id
+        primary = replica = 0
+        for p, count in self.store.partition_counts().items():
+            owners = placement.owners_of_partition(p)
+            if owners[0] == me:
+                primary += count
+            elif me in owners:
+                replica += count
+        return {"primary_copies": primary, "replica_copies": replica,
+                "other_copies": keys - primary - replica}
 
 
 def _results(reply: dict) -> dict:

@@ -76,5 +76,9 @@ class IStore(Interface):
     def sweep(limit: int) -> int:
         """Remove at most ``limit`` expired entries; how many were removed."""
 
+    def partition_counts() -> dict[int, int]:
+        """Live entries (not tombstones) per partition, for the copies a node reports
+        by role; empty when the store does not count them."""
+
     def stats() -> dict:
         """Counters: keys, memory_bytes, max_memory_bytes, hits, misses, ..."""

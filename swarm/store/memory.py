@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from zope.interface import implementer
 
@@ -112,8 +112,13 @@ class MemoryStore:
         max_value_bytes: int = 1024 * 1024,
         hlc: HybridClock | None = None,
         tombstone_ttl: float = TOMBSTONE_TTL,
+        partition: Callable[[str], int] | None = None,
     ) -> None:
+        """``partition(key)``, when given, keeps a count of live entries per partition
+        (what a node reports as copies held by role)."""
         self._clock = clock
+        self._partition = partition
+        self._per_partition: dict[int, int] = {}
         self.hlc = hlc if hlc is not None else HybridClock("local")
         self.max_memory = max_memory
         self.max_value_bytes = max_value_bytes
@@ -320,6 +325,9 @@ class MemoryStore:
             self._remove(key, old)
         self._entries[key] = slot
         self.memory_bytes += slot.size
+        if self._partition is not None and slot.value is not _DELETED:
+            p = self._partition(key)
+            self._per_partition[p] = self._per_partition.get(p, 0) + 1
         self._set_deadline(key, slot, expires_at)
         self._evict_over_budget()
 
@@ -349,6 +357,12 @@ class MemoryStore:
             self._expiring -= 1
         if slot.value is _DELETED:
             self._tombstones -= 1
+        elif self._partition is not None:
+            p = self._partition(key)
+            if self._per_partition[p] == 1:
+                del self._per_partition[p]
+            else:
+                self._per_partition[p] -= 1
 
     def _expired(self, key: str, slot: _Slot) -> None:
         self._remove(key, slot)
@@ -375,6 +389,10 @@ class MemoryStore:
                 self._expired(key, slot)
                 removed += 1
         return removed
+
+    def partition_counts(self) -> dict[int, int]:
+        self.sweep(limit=None)
+        return dict(self._per_partition)
 
     def stats(self) -> dict:
         # Everything due goes now so ``keys`` counts live entries only; amortized, as
