@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
+from swarm.cluster import antientropy, commands
 from swarm.cluster.antientropy import INTERVAL, compare, digests, entry_hash
-from swarm.cluster.placement import partition_of
+from swarm.cluster.placement import PARTITIONS, partition_of
 from swarm.node.core import AFTER_CHANGE
 from swarm.protocol.entry import Entry
 from swarm.simulator import Swarm
@@ -32,10 +33,68 @@ def test_compare_names_the_partitions_that_differ_and_returns_their_entries():
     store.set("differs", 2, None)
     theirs = digests(store.entries(), {partition_of("same"), partition_of("differs")})
     theirs[partition_of("differs")] ^= 1  # the other owner's copy is another version
-    differ, entries = compare(store, theirs)
-    assert differ == [partition_of("differs")]
+    differ, more, entries = compare(store, theirs)
+    assert (differ, more) == ([partition_of("differs")], [])
     assert [e.key for e in entries] == ["differs"]
-    assert compare(store, digests(store.entries(), theirs)) == ([], [])
+    assert compare(store, digests(store.entries(), theirs)) == ([], [], [])
+
+
+def test_a_compare_answer_is_bounded_and_names_the_partitions_left_to_ask_for():
+    store = MemoryStore(Clock())
+    for i in range(300):
+        store.set(f"k{i}", i, None)
+    everything = range(PARTITIONS)
+    empty = dict.fromkeys(everything, 0)  # an owner that holds nothing yet
+    answered, more, entries = compare(store, empty, max_entries=50)
+    assert 0 < len(entries) <= 50 and more
+    assert {partition_of(e.key) for e in entries} == set(answered)
+    assert not set(answered) & set(more)
+    assert len(answered) + len(more) == len({partition_of(f"k{i}") for i in range(300)})
+    one, _, alone = compare(store, empty, max_entries=0)  # still one partition's worth
+    assert len(one) == 1 and alone
+
+
+def test_anti_entropy_asks_again_until_every_differing_partition_is_answered(monkeypatch):
+    monkeypatch.setattr(antientropy, "COMPARE_ENTRIES", 5)
+    monkeypatch.setattr(commands.compare, "__defaults__", (5,))
+    swarm, keys = two_owners()
+    for key in keys:  # n1 misses every copy, as a backup that restarted would
+        swarm["n1"].store.take([key])
+    swarm["n1"].core.anti_entropy.run(everything=True)
+    swarm.settle()
+    assert all(swarm["n1"].store.get(k) == (True, "v1") for k in keys)
+    assert swarm["n1"].core.anti_entropy.repairs == len(keys)
+
+
+def test_after_a_restart_a_node_is_filling_until_its_partners_filled_it():
+    swarm = Swarm(replicas=2)
+    swarm.build(3, [(0, 1), (1, 2), (2, 0)])
+    keys = [f"k{i}" for i in range(200)]
+    assert swarm.call("n0", "mset", items=dict.fromkeys(keys, "v"))["stored"] == len(keys)
+    links = swarm.crash("n2")
+    swarm.settle()
+    swarm.nodes["n2"].start()  # afresh, with the same id
+    for a, b in links:
+        swarm.link(a, b)
+    router = swarm["n2"].core.router
+    swarm.run(0.2)  # linked again, not filled yet
+    assert router.filling
+    owned = [k for k in keys if "n2" in swarm.call("n2", "owner", key=k)["nodes"]]
+    swarm.run(AFTER_CHANGE + 1)
+    assert not router.filling
+    assert all(swarm["n2"].store.get(k) == (True, "v") for k in owned)
+
+
+def test_a_refill_asked_for_during_a_round_runs_after_it():
+    swarm, _ = two_owners()
+    ae = swarm["n0"].core.anti_entropy
+    rounds = ae.rounds
+    first = ae.run()
+    assert ae.run() is first  # a periodic round joins the one under way
+    refill = ae.run(everything=True)
+    assert refill is not first and ae.run(everything=True) is refill
+    swarm.wait(refill, timeout=5)
+    assert first.called and ae.rounds == rounds + 2
 
 
 def two_owners():

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import pytest
 
+from swarm.cluster.router import SUSPECT_AFTER, SUSPECT_FOR
+from swarm.node.core import AFTER_CHANGE
 from swarm.simulator import Swarm
 
 KEYS = [f"k{i}" for i in range(60)]
 
 
 def swarm_of(count: int, edges, replicas: int, **config) -> Swarm:
+    """A swarm built and past its first refill (until then no node stands in for
+    another)."""
     swarm = Swarm(replicas=replicas, **config)
     swarm.build(count, edges)
+    swarm.run(AFTER_CHANGE + 1)
     return swarm
 
 
@@ -144,12 +149,49 @@ def test_a_read_on_its_way_to_a_primary_that_dies_is_answered_by_the_next_owner(
         conn.latency = 0.2  # the read is still on its way when the primary goes
     read = swarm["n0"].request("get", key=key)
     swarm.run(0.05)
+    started = swarm.clock.seconds()
     if how == "crash":
-        swarm.crash(primary)  # its sockets close at once
+        swarm.crash(primary)  # its sockets close at once: sent again on the lost link
     else:
-        swarm.freeze(primary)  # dropped after the ping timeout, inside the deadline
+        swarm.freeze(primary)  # its links stay up: the backup is asked after a while
     assert swarm.wait(read, timeout=6) == {"id": 0, "ok": True, "found": True, "value": "v"}
-    assert swarm["n0"].core.router.retried == 1
+    router = swarm["n0"].core.router
+    assert (router.retried, router.hedged) == ((1, 0) if how == "crash" else (0, 1))
+    if how == "freeze":  # well before the ping timeout drops the frozen node
+        assert swarm.clock.seconds() - started < SUSPECT_AFTER + 0.5
+
+
+def test_reads_pass_a_suspect_primary_over_and_try_it_again_later():
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2, ping_timeout=30)
+    key = key_elsewhere(swarm, "n0")
+    assert swarm.call("n0", "set", key=key, value="v")["stored"]
+    primary = primary_of(swarm, key)
+    swarm.freeze(primary)
+    first = swarm["n0"].request("get", key=key)
+    assert swarm.wait(first, timeout=3)["value"] == "v"
+    router = swarm["n0"].core.router
+    assert router.hedged == 1
+    started = swarm.clock.seconds()
+    assert swarm.wait(swarm["n0"].request("get", key=key), timeout=1)["value"] == "v"
+    assert swarm.clock.seconds() - started < 0.1 and router.hedged == 1  # passed over
+    swarm.thaw(primary)
+    swarm.run(SUSPECT_FOR)
+    assert swarm.wait(swarm["n0"].request("get", key=key), timeout=1)["value"] == "v"
+    assert router.hedged == 1 and primary not in router._suspects  # trusted again
+
+
+def test_a_backup_still_being_filled_does_not_stand_in_for_a_suspect_primary():
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2, ping_timeout=30)
+    key = key_elsewhere(swarm, "n0")
+    assert swarm.call("n0", "set", key=key, value="v")["stored"]
+    primary, backup = swarm.call("n0", "owner", key=key)["nodes"]
+    swarm[backup].core.router.filling = True
+    swarm.freeze(primary)
+    read = swarm["n0"].request("get", key=key)
+    swarm.run(2)
+    assert not read.called  # the backup said no: the primary's answer is awaited
+    swarm.thaw(primary)
+    assert swarm.wait(read, timeout=3)["value"] == "v"
 
 
 def test_a_read_relayed_through_a_node_that_dies_goes_around_it():

@@ -33,6 +33,9 @@ from swarm.store.interface import IStore
 
 _log = logger(__name__)
 
+#: A compare answer carries the entries of as many differing partitions as fit in
+#: about this many entries (at least one partition's), and names the rest to ask again.
+COMPARE_ENTRIES = 4096
 #: Seconds between rounds. A round scans the store once on the primary and once per
 #: compare on each other owner (about 3 µs per entry measured, so 1M entries cost ~3 s
 #: of CPU per scan): every five minutes keeps that to about 1-3 % of a core.
@@ -61,16 +64,34 @@ def entries_in(entries: Iterable[Entry], partitions: set[int]) -> list[Entry]:
     return [e for e in entries if partition_of(e.key) in partitions]
 
 
-def compare(store: IStore, theirs: dict[int, int]) -> tuple[list[int], list[Entry]]:
-    """The partitions of ``theirs`` whose digests differ from this store's, and this
-    store's entries in them (the answer to a ``compare`` request)."""
+def compare(
+    store: IStore, theirs: dict[int, int], max_entries: int = COMPARE_ENTRIES
+) -> tuple[list[int], list[int], list[Entry]]:
+    """The answer to a ``compare`` request: the partitions of ``theirs`` whose digests
+    differ from this store's and whose entries come with it, those that differ but
+    must be asked for again (the answer holds about ``max_entries`` entries, and at
+    least one partition's), and the entries."""
     mine = digests(store.entries(), theirs)
     differ = sorted(p for p, d in theirs.items() if mine[p] != d)
-    return differ, entries_in(store.entries(), set(differ)) if differ else []
+    if not differ:
+        return [], [], []
+    by_partition: dict[int, list[Entry]] = {p: [] for p in differ}
+    for entry in store.entries():
+        held = by_partition.get(partition_of(entry.key))
+        if held is not None:
+            held.append(entry)
+    answered: list[int] = []
+    entries: list[Entry] = []
+    for p in differ:
+        if answered and len(entries) + len(by_partition[p]) > max_entries:
+            break
+        answered.append(p)
+        entries.extend(by_partition[p])
+    return answered, differ[len(answered):], entries
 
 
 class AntiEntropy:
-    """Runs rounds for one node: it asks the other owners of its primary partitions."""
+    """Runs rounds for one node: it asks the other owners of its partitions."""
 
     def __init__(
         self,
@@ -88,60 +109,83 @@ class AntiEntropy:
         self.rounds = 0
         self.repairs = 0  # entries kept as newer, here or at the other owner
         self._running: Deferred | None = None
+        self._queued: Deferred | None = None
 
-    def run(self) -> Deferred:
-        """One round (skipped while the last one still runs); fires when it is over."""
-        if self._running is not None:
+    def run(self, everything: bool = False) -> Deferred:
+        """One round over the partitions this node is primary for, or with
+        ``everything`` over all it owns (a refill after a change of view); fires when it
+        is over. A periodic round is skipped while one runs; a refill runs after it."""
+        if self._running is None:
+            return self._start(everything)
+        if not everything:
             return self._running
-        self._running = running = maybeDeferred(self._round)
+        if self._queued is None:
+            self._queued = Deferred()
+            self._running.addBoth(self._start_queued)
+        return self._queued
+
+    def _start(self, everything: bool) -> Deferred:
+        self._running = running = maybeDeferred(self._round, everything)
         running.addBoth(self._over)
         return running
+
+    def _start_queued(self, result):
+        queued, self._queued = self._queued, None
+        self._start(True).chainDeferred(queued)
+        return result
 
     def _over(self, result):
         self._running = None
         return result
 
-    def _round(self) -> Deferred | None:
+    def _round(self, everything: bool) -> Deferred | None:
         placement = self._placement()
         if placement.replicas == 1:
             return None
         shared: dict[str, list[int]] = {}
         for p in range(PARTITIONS):
             owners = placement.owners_of_partition(p)
-            if owners[0] == self.node_id:
-                for other in owners[1:]:
-                    shared.setdefault(other, []).append(p)
+            if owners[0] == self.node_id or (everything and self.node_id in owners):
+                for other in owners:
+                    if other != self.node_id:
+                        shared.setdefault(other, []).append(p)
         if not shared:
             return None
         self.rounds += 1
         mine = digests(self.store.entries(), range(PARTITIONS))
         return gatherResults([
-            self._compare_with(node, {p: mine[p] for p in partitions})
+            Deferred.fromCoroutine(self._compare_with(node, {p: mine[p] for p in partitions}))
             for node, partitions in shared.items()
         ])
 
-    def _compare_with(self, node: str, sums: dict[int, int]) -> Deferred:
-        def answered(reply: dict) -> Deferred | None:
+    async def _compare_with(self, node: str, sums: dict[int, int]) -> None:
+        """Ask ``node`` about ``sums`` until it has answered for every partition that
+        differs; keep the newer of each entry on both sides."""
+        while sums:
+            reply = await self._send(node, {"id": 0, "op": "compare", "digests": sums})
             differ = reply.get("differ") if reply.get("ok") else None
             if not isinstance(differ, list) or not differ:
-                return None
+                return
             theirs = reply.get("entries")
             kept_here = self._merge(theirs if isinstance(theirs, list) else [])
-            wanted = {p for p in differ if isinstance(p, int) and p in sums}
-            ours = entries_in(self.store.entries(), wanted)
+            answered = {p for p in differ if isinstance(p, int) and p in sums}
+            if not answered:
+                return
+            ours = entries_in(self.store.entries(), answered)
             _log.info("anti-entropy with {node}: {n} partitions differed, {kept} entries "
-                      "kept here, {sent} sent", node=node, n=len(differ), kept=kept_here,
+                      "kept here, {sent} sent", node=node, n=len(answered), kept=kept_here,
                       sent=len(ours))
             self.repairs += kept_here
-            return gatherResults([
+            await gatherResults([
                 self._send(node, {"id": 0, "op": "restore",
                                   "entries": [e.to_wire() for e in chunk]}).addCallback(
                     self._count_repairs)
                 for chunk in chunks(ours)
             ])
-
-        return self._send(node, {"id": 0, "op": "compare", "digests": sums}).addCallback(
-            answered)
+            more = reply.get("more")
+            left = {p for p in more if isinstance(p, int) and p in sums} - answered \
+                if isinstance(more, list) else set()
+            sums = digests(self.store.entries(), left) if left else {}
 
     def _count_repairs(self, reply: dict) -> None:
         if reply.get("ok") and isinstance(reply.get("stored"), int):

@@ -91,8 +91,11 @@ class StoreCommands:
         return {"entries": [e.to_wire() for e in entries]}
 
     def handle_compare(self, r: dict) -> dict:
-        differ, entries = compare(self.store, r["digests"])
-        return {"differ": differ, "entries": [e.to_wire() for e in entries]}
+        differ, more, entries = compare(self.store, r["digests"])
+        reply = {"differ": differ, "entries": [e.to_wire() for e in entries]}
+        if more:
+            reply["more"] = more
+        return reply
 
     def merge(self, entries: Iterable[Any]) -> int:
         """Keep each entry (in its wire form) that is newer than what is held; how many

@@ -19,11 +19,13 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import deferLater
 
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
 from swarm.cluster.rebalance import chunks
+from swarm.correlate import Correlator
 from swarm.errors import (
     BadRequest,
     InternalError,
@@ -48,6 +50,12 @@ MAX_ORIGINS = 8
 #: When a write is acknowledged with --replicas above 1: once every reachable owner has
 #: applied it ("all"), or once the primary has ("one").
 WRITE_ACKS = ("all", "one")
+#: With --replicas above 1, a read its owner has not answered for SUSPECT_AFTER seconds
+#: goes to the key's next owner as well, and the first good answer wins: a frozen node
+#: keeps its links until the ping timeout, seconds later. For SUSPECT_FOR seconds after
+#: that, reads pass the suspect over; then one is tried again.
+SUSPECT_AFTER = 0.5
+SUSPECT_FOR = 2.0
 
 
 class Network(Protocol):
@@ -83,6 +91,15 @@ class QueryRouter:
         self.write_ack = write_ack
         #: Requests routed again after the way to their owner was lost on them.
         self.retried = 0
+        #: Reads also sent to a next owner because their owner was slow to answer.
+        self.hedged = 0
+        #: Set by the node from a change of view until its copies have been compared
+        #: with the other owners' (a refill): meanwhile this node looks for the keys it
+        #: owns where they were before (see _still_elsewhere) and serves no reads as a
+        #: backup.
+        self.filling = False
+        self._suspects: dict[str, float] = {}  # node -> until when reads pass it over
+        self._hedge_timers = Correlator(overlay.clock)
         self.node_id = node_id
         self.commands = commands
         self.overlay = overlay
@@ -114,7 +131,7 @@ class QueryRouter:
         reachable = membership.reachable
         self.placement = Placement(membership.owners or {self.node_id}, self.replicas)
         now = self.overlay.clock.seconds()
-        if now > self._migrating_until:
+        if now > self._migrating_until and not self.filling:
             self._origins = {}
         for nodes in (self._last_view, reachable - self._last_view):
             if nodes - {self.node_id} and nodes not in self._origins:
@@ -123,6 +140,7 @@ class QueryRouter:
             del self._origins[next(iter(self._origins))]
         self._last_view = reachable
         self._migrating_until = now + MIGRATION_WINDOW
+        self._suspects = {n: t for n, t in self._suspects.items() if n in reachable}
 
     # -- entry points -----------------------------------------------------------------
 
@@ -161,15 +179,43 @@ class QueryRouter:
         if to is not None:  # addressed: run there, whoever owns the key
             if to != self.node_id:
                 return self._forward(to, request, timeout, hops, addressed=True)
+            if op.kind is Kind.READ and self.filling:  # a read sent here as a backup
+                raise Unavailable(f"{self.node_id} is still being filled by its partners")
             return self._run_local(request)
         if op.kind is Kind.INTERNAL:
             raise BadRequest(f"{op.name} must be addressed to a node")
         if op.multi_key:
             return self._fan_out(op, request, timeout, hops)
-        owner = self.placement.primary(request["key"])
-        if owner == self.node_id:
+        return self._run_part(op, self._runner(op, request["key"]), request, timeout, hops)
+
+    def _runner(self, op: Op, key: str) -> str:
+        """Where an op on ``key`` runs: its primary, or for a read while the primary is
+        suspect, the first other owner that is not (and not filling, if it is this
+        node)."""
+        owners = self.placement.owners(key)
+        if op.kind is not Kind.READ or not self._suspects or owners[0] not in self._suspects:
+            return owners[0]
+        now = self.overlay.clock.seconds()
+        for node in owners:
+            until = self._suspects.get(node)
+            if until is not None and until <= now:
+                del self._suspects[node]  # tried again from now on
+                until = None
+            if until is None and not (node == self.node_id and self.filling):
+                return node
+        return owners[0]
+
+    def _run_part(self, op: Op, node: str, request: dict, timeout: float,
+                  hops: int) -> dict | Deferred:
+        """Run a request on keys that ``node`` answers for (see _runner)."""
+        primary = self.placement.primary(op.keys(request)[0])
+        if node != primary:  # a backup standing in for a suspect primary
+            if node == self.node_id:
+                return self._run_local(request)
+            return self._forward(node, request, timeout, hops, addressed=True)
+        if node == self.node_id:
             return self._execute_owned(op, request)
-        return self._forward_key_op(op, owner, request, timeout, hops)
+        return self._forward_key_op(op, node, request, timeout, hops)
 
     def _forward_key_op(
         self, op: Op, owner: str, request: dict, timeout: float, hops: int
@@ -183,6 +229,13 @@ class QueryRouter:
         d = self._forward(owner, request, timeout, hops)
         if op.kind is not Kind.READ:
             return d
+        d = self._rerouted_when_lost(owner, request, timeout, hops, d)
+        if self.replicas > 1 and timeout > SUSPECT_AFTER:
+            d = self._hedged(owner, request, timeout, hops, d)
+        return d
+
+    def _rerouted_when_lost(self, owner: str, request: dict, timeout: float, hops: int,
+                            d: Deferred) -> Deferred:
         clock, membership = self.overlay.clock, self.overlay.membership
         sent, placement, via = clock.seconds(), self.placement, membership.next_hop(owner)
 
@@ -200,6 +253,44 @@ class QueryRouter:
             return deferLater(clock, 0, lambda: None).addCallback(lambda _: again(reply))
 
         return d.addCallback(lost)
+
+    def _hedged(self, owner: str, request: dict, timeout: float, hops: int,
+                d: Deferred) -> Deferred:
+        """``d``'s reply, unless ``owner`` gives none in SUSPECT_AFTER: then the read
+        goes to the next owner too (``owner`` is suspect), and the first good reply
+        wins (an error only once neither can give a good one)."""
+        clock = self.overlay.clock
+        tag, timer = self._hedge_timers.expect(SUSPECT_AFTER)
+        result: Deferred = Deferred()
+        pending = [d]
+
+        def settle(reply: dict, attempt: Deferred) -> None:
+            pending.remove(attempt)
+            if result.called:
+                return
+            if reply.get("ok") or not pending:
+                result.callback(reply)
+
+        def answered(reply: dict) -> None:
+            self._hedge_timers.resolve(tag, None)
+            self._suspects.pop(owner, None)
+            settle(reply, d)
+
+        def slow(failure) -> None:
+            failure.trap(DeferredTimeout)
+            if result.called:
+                return
+            self._suspects[owner] = clock.seconds() + SUSPECT_FOR
+            self.hedged += 1
+            _log.info("no answer from {node} in {after} s: it is suspect, reads go to "
+                      "the next owner", node=owner, after=SUSPECT_AFTER)
+            other = _deferred(self.route(request, timeout - SUSPECT_AFTER, hops))
+            pending.append(other)
+            other.addCallback(settle, other)
+
+        d.addCallback(answered)
+        timer.addErrback(slow)
+        return result
 
     def _forward(
         self, node: str, request: dict, timeout: float, hops: int, addressed: bool = False
@@ -225,15 +316,11 @@ class QueryRouter:
         """Split by owner, run the parts (here or forwarded), merge their results."""
         rid = request["id"]
         primary = self.placement.primary
-        groups: dict[str, list[str]] = {}
+        groups: dict[tuple[str, str], list[str]] = {}  # (runner, primary) -> keys
         for key in op.keys(request):
-            groups.setdefault(primary(key), []).append(key)
-        parts = {owner: op.part(request, keys) for owner, keys in groups.items()}
-        local = parts.pop(self.node_id, None)
-        replies = [self._forward_key_op(op, owner, part, timeout, hops)
-                   for owner, part in parts.items()]
-        if local is not None:
-            replies.append(self._execute_owned(op, local))
+            groups.setdefault((self._runner(op, key), primary(key)), []).append(key)
+        replies = [self._run_part(op, node, op.part(request, keys), timeout, hops)
+                   for (node, _), keys in groups.items()]
 
         def merge(replies: list[dict]) -> dict:
             for reply in replies:
@@ -242,8 +329,7 @@ class QueryRouter:
             return ok_reply(rid, op.merge(replies))
 
         if any(isinstance(r, Deferred) for r in replies):
-            waiting = [r if isinstance(r, Deferred) else succeed(r) for r in replies]
-            return gatherResults(waiting).addCallback(merge)
+            return gatherResults(list(map(_deferred, replies))).addCallback(merge)
         return merge(replies)
 
     # -- migration --------------------------------------------------------------------
@@ -303,7 +389,9 @@ class QueryRouter:
 
         Present keys too: the copy here may be older than one written elsewhere while
         this node was cut off or frozen; the newer of the two is kept."""
-        if not self._origins or self.overlay.clock.seconds() > self._migrating_until:
+        if not self._origins or (
+            self.overlay.clock.seconds() > self._migrating_until and not self.filling
+        ):
             return {}
         reachable = self.overlay.membership.reachable
         found: dict[str, list[str]] = {}
@@ -326,6 +414,10 @@ class QueryRouter:
 
     def handle_owner(self, request: dict) -> dict:
         return {"nodes": list(self.placement.owners(request["key"]))}
+
+
+def _deferred(result: dict | Deferred) -> Deferred:
+    return result if isinstance(result, Deferred) else succeed(result)
 
 
 def _answering(request: dict, run: Callable[..., Any], *args: Any) -> Any:

@@ -91,6 +91,7 @@ class NodeCore:
         self._rounds = LoopingCall(self._anti_entropy)
         self._rounds.clock = clock
         self._after_change = None
+        self._changes = 0  # views seen: a refill is good only for the latest
         self._extra_stats = extra_stats
 
     def _view_changed(self) -> None:
@@ -102,14 +103,33 @@ class NodeCore:
             owners=len(membership.owners),
         )
         self.rebalancer.schedule()
-        if self._rounds.running:  # a round once the handoffs have settled
+        if self._rounds.running and self.config.replicas > 1:
+            # Refill once the handoffs have settled; until then keys are looked for
+            # where they were (the router's migration window stays open).
+            self._changes += 1
+            self.router.filling = True
             if self._after_change is not None and self._after_change.active():
                 self._after_change.cancel()
-            self._after_change = self.clock.callLater(AFTER_CHANGE, self._anti_entropy)
+            self._after_change = self.clock.callLater(AFTER_CHANGE, self._refill)
 
     def _anti_entropy(self) -> None:
         self.anti_entropy.run().addErrback(
             lambda f: _log.failure("anti-entropy round failed", f))
+
+    def _refill(self) -> None:
+        """Compare every partition this node owns with its other owners; filled once
+        that is done, unless the view changed meanwhile (another refill follows)."""
+        changes, started = self._changes, self.clock.seconds()
+
+        def filled(result):
+            if changes == self._changes:
+                self.router.filling = False
+                _log.info("{node} filled by its partners in {s:.2f} s",
+                          node=self.node_id, s=self.clock.seconds() - started)
+            return result
+
+        self.anti_entropy.run(everything=True).addBoth(filled).addErrback(
+            lambda f: _log.failure("refill failed", f))
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -183,6 +203,7 @@ class NodeCore:
         stats["swarm_nodes"] = len(self.overlay.membership.reachable)
         stats.update(self._copies(stats["keys"]))
         stats["retried"] = self.router.retried
+        stats["hedged"] = self.router.hedged
         stats["anti_entropy_rounds"] = self.anti_entropy.rounds
         stats["repairs"] = self.anti_entropy.repairs
         stats.update(self._extra_stats())
