@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from swarm import cli
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.router import QueryRouter
+from swarm.errors import SwarmError
 from swarm.mesh.overlay import Overlay
 from swarm.protocol.api import CacheOps
 from swarm.protocol.ops import CLIENT_OPS, OPS, Kind
@@ -78,3 +79,20 @@ def test_the_cli_describes_its_commands_as_the_table_does():
         cli.build_parser(out, io.StringIO()).parse_args(["--help"])
     for name in ("get", "incr", "owner"):
         assert CLIENT_OPS[name].summary in " ".join(out.getvalue().split())
+
+
+def test_only_peers_may_give_a_write_its_version_and_it_must_be_one():
+    write = {"id": 0, "op": "set", "key": "k", "value": 1, "at": [5, 0, "b"]}
+    assert "at" not in RequestParser().parse(write)  # a client cannot forge an age
+    assert RequestParser(internal=True).parse(write)["at"] == (5, 0, "b")
+    with pytest.raises(SwarmError, match="at: a version"):
+        RequestParser(internal=True).parse({**write, "at": "yesterday"})
+    read = {"id": 0, "op": "get", "key": "k", "at": [5, 0, "b"]}
+    assert "at" not in RequestParser(internal=True).parse(read)
+
+
+def test_reads_and_writes_that_need_nothing_stored_may_be_sent_again_and_no_other():
+    again = {name for name, op in OPS.items()
+             if op.resend({"id": 0, "op": name, "key": "k", "value": 1})}
+    assert again == {"get", "exists", "ttl", "mget", "set", "delete", "expire", "mset"}
+    assert not OPS["set"].resend({"id": 0, "op": "set", "key": "k", "value": 1, "nx": True})

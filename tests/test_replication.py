@@ -207,6 +207,26 @@ def test_a_read_relayed_through_a_node_that_dies_goes_around_it():
     assert swarm.wait(read, timeout=6)["value"] == "v"
 
 
+@pytest.mark.parametrize("op, args, result", [
+    ("set", {"value": "v"}, {"stored": True}),
+    ("delete", {}, {"deleted": False}),
+])
+def test_a_write_that_needs_nothing_stored_is_sent_again_to_the_next_owner(op, args, result):
+    """Its version was stamped where it entered: sent twice, it is one write."""
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2)
+    key = key_elsewhere(swarm, "n0")
+    primary = primary_of(swarm, key)
+    for conn in swarm.open_connections("n0", primary):
+        conn.latency = 0.2
+    write = swarm["n0"].request(op, key=key, **args)
+    swarm.run(0.05)
+    swarm.crash(primary)
+    assert swarm.wait(write, timeout=6) == {"id": 0, "ok": True, **result}
+    assert swarm["n0"].core.router.retried == 1
+    swarm.settle()
+    assert swarm.call("n1" if primary != "n1" else "n2", "get", key=key)["found"] is (op == "set")
+
+
 def test_a_write_on_its_way_to_a_primary_that_dies_is_not_sent_again():
     """It may have run (a frozen node runs it when it thaws): answered unavailable."""
     swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2)

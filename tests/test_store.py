@@ -933,6 +933,42 @@ def test_every_write_gets_a_newer_version(store):
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
 
 
+def version_of(store, key):
+    return {e.key: e.version for e in store.entries()}[key]
+
+
+@pytest.mark.parametrize("key, write", [
+    ("k", lambda s, at: s.set("k", "new", None, at=at)),
+    ("k", lambda s, at: s.set_many({"k": "new"}, None, at=at)),
+    ("n", lambda s, at: s.incr("n", 1, None, at=at)),
+    ("k", lambda s, at: s.delete("k", at=at)),
+    ("k", lambda s, at: s.expire("k", 50, at=at)),
+])
+def test_a_write_stamped_where_it_entered_keeps_that_age(store, key, write):
+    """So a write run late (its node frozen with it) cannot overtake later ones."""
+    store.put(entry("k", "old", (1000, 0, "a")))
+    store.put(entry("n", 1, (1000, 0, "a")))
+    write(store, (2000, 3, "b"))
+    assert version_of(store, key) == (2000, 3, "b")
+    assert store.hlc.now() > (2000, 3, "b")  # observed: later writes here outrank it
+
+
+def test_a_stamped_write_older_than_the_copy_still_applies_just_above_it(store):
+    """Writes to one key are ordered as they reach the node that runs them."""
+    store.put(entry("k", "held", (5000, 7, "a")))
+    assert store.set("k", "later arrival", None, at=(4000, 0, "b")) is True
+    assert store.get("k") == (True, "later arrival")
+    assert version_of(store, "k") == (5000, 8, store.hlc.node_id)
+
+
+def test_a_write_sent_again_with_its_stamp_is_not_applied_twice(store):
+    assert store.incr("n", 5, None, at=(3000, 0, "b")) == 5
+    assert store.incr("n", 5, None, at=(3000, 0, "b")) == 5  # the same increment
+    assert store.set("k", "v", None, at=(3000, 1, "b")) is True
+    store.set("k", "v", None, at=(3000, 1, "b"))
+    assert version_of(store, "k") == (3000, 1, "b")
+
+
 def test_a_newer_entry_replaces_an_older_one_and_an_older_one_is_refused(store):
     assert store.put(entry("k", "v1", (1000, 0, "a"))) is True
     assert store.put(entry("k", "v0", (999, 5, "b"))) is False

@@ -281,3 +281,31 @@ def test_after_random_freezes_cuts_and_restarts_no_read_is_stale_once_settled(se
              if any(start <= s[0] < end for start, end in settled)]
     assert sum(r.answers for r in readers.values()) > 1000 and failed < count / 2
     assert stale == []
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_write_run_when_its_frozen_owner_thawed_overtakes_no_later_one(
+        replicas, conditional):
+    """The first set reaches a frozen owner and runs when it thaws. Meanwhile the owner
+    was dropped, and the set was sent again to the next owner (a plain set) or answered
+    unavailable (``xx``: its outcome depends on what is stored, so it is not sent
+    again). Either way it keeps the age it had when it was made."""
+    swarm = Swarm(replicas=replicas)
+    swarm.build(3, [(0, 1), (1, 2), (2, 0)])
+    key = next(k for k in (f"key{i}" for i in range(1000)) if owner_of(swarm, k) != "n0")
+    write(swarm, "n0", key, "zero")
+    owner = owner_of(swarm, key)
+    swarm.freeze(owner)
+    first = swarm["n0"].request("set", key=key, value="first", xx=conditional)
+    if conditional:
+        with pytest.raises(SwarmError, match="lost"):
+            swarm.wait(first, timeout=10)
+    else:
+        assert swarm.wait(first, timeout=10)["stored"] is True
+        assert swarm["n0"].core.router.retried == 1
+    write(swarm, "n0", key, "second")
+    swarm.thaw(owner)
+    swarm.settle()
+    swarm.run(15)
+    assert reads(swarm, key) == dict.fromkeys(swarm.nodes, "second")

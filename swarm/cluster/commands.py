@@ -50,25 +50,26 @@ class StoreCommands:
 
     def handle_set(self, r: dict) -> dict:
         stored = self.store.set(
-            r["key"], r["value"], self._ttl(r), r.get("nx", False), r.get("xx", False)
+            r["key"], r["value"], self._ttl(r), r.get("nx", False), r.get("xx", False),
+            r.get("at"),
         )
         return {"stored": stored}
 
     def handle_delete(self, r: dict) -> dict:
-        return {"deleted": self.store.delete(r["key"])}
+        return {"deleted": self.store.delete(r["key"], r.get("at"))}
 
     def handle_exists(self, r: dict) -> dict:
         return {"exists": self.store.exists(r["key"])}
 
     def handle_expire(self, r: dict) -> dict:
-        return {"updated": self.store.expire(r["key"], r["ttl"])}
+        return {"updated": self.store.expire(r["key"], r["ttl"], r.get("at"))}
 
     def handle_ttl(self, r: dict) -> dict:
         found, left = self.store.ttl(r["key"])
         return {"found": found, "ttl": None if left is None else round(left, 3)}
 
     def handle_incr(self, r: dict) -> dict:
-        return {"value": self.store.incr(r["key"], r.get("delta", 1), self._ttl(r))}
+        return {"value": self.store.incr(r["key"], r.get("delta", 1), self._ttl(r), r.get("at"))}
 
     def handle_mget(self, r: dict) -> dict:
         values: dict[str, Any] = {}
@@ -79,7 +80,7 @@ class StoreCommands:
         return {"values": values}
 
     def handle_mset(self, r: dict) -> dict:
-        return {"stored": self.store.set_many(r["items"], self._ttl(r))}
+        return {"stored": self.store.set_many(r["items"], self._ttl(r), r.get("at"))}
 
     def handle_restore(self, r: dict) -> dict:
         return {"stored": self.merge(r["entries"])}

@@ -151,9 +151,12 @@ class QueryRouter:
         answered ``unavailable``: acknowledging writes that no other node will ever
         see would be worse than saying no."""
         conflict = self.overlay.conflict
-        if conflict is not None and OPS[request["op"]].kind is not Kind.NODE:
+        kind = OPS[request["op"]].kind
+        if conflict is not None and kind is not Kind.NODE:
             return error_reply(request["id"], Unavailable(
                 f"this node does not serve keys while its id is refused: {conflict}"))
+        if kind is Kind.WRITE:  # its age, whenever and wherever it runs
+            request["at"] = self.commands.store.hlc.now()
         return self.route(request, self.request_timeout, self.max_hops)
 
     def route_forwarded(
@@ -222,15 +225,18 @@ class QueryRouter:
     ) -> Deferred:
         """Forward a key op toward ``owner``; when the way there is lost while the
         request is on it (the owner or a relay died, and the view changed since), a
-        read is routed again in the time it has left: to the next owner, which holds a
-        copy with replicas, or around the dead relay. A write is not: the node may be
-        frozen rather than dead, run the first attempt when it thaws, and so undo a
-        later acknowledged write."""
+        read, or a write whose outcome does not depend on what is stored, is routed
+        again in the time it has left: to the next owner, which holds a copy with
+        replicas, or around the dead relay. The write keeps the version it was stamped
+        with where it entered, so if the first attempt runs too (the node was frozen,
+        not dead), both are the same write, and neither overtakes a later one. Other
+        writes (``incr``, ``set`` with ``nx``/``xx``) are not sent again: run twice,
+        they could count twice or answer wrong."""
         d = self._forward(owner, request, timeout, hops)
-        if op.kind is not Kind.READ:
+        if not op.resend(request):
             return d
         d = self._rerouted_when_lost(owner, request, timeout, hops, d)
-        if self.replicas > 1 and timeout > SUSPECT_AFTER:
+        if op.kind is Kind.READ and self.replicas > 1 and timeout > SUSPECT_AFTER:
             d = self._hedged(owner, request, timeout, hops, d)
         return d
 

@@ -101,6 +101,10 @@ class Op:
     #: Whether a request's result needs nothing already stored (a plain set): then
     #: no older copy is fetched first during a migration.
     blind: Callable[[dict], bool] = _never
+    #: Whether a node may send the request again when the way to the node running it
+    #: is lost (reads; writes whose outcome does not depend on what is stored, which
+    #: the version stamped where they entered makes idempotent).
+    resend: Callable[[dict], bool] = _never
     #: A check across arguments: the reason a valid-looking request is refused.
     check: Callable[[dict], str | None] | None = None
 
@@ -117,21 +121,22 @@ OPS: dict[str, Op] = {op.name: op for op in [
     Op("stats", Kind.NODE, "the answering node's counters"),
     Op("nodes", Kind.NODE, "the swarm as the answering node sees it"),
     Op("owner", Kind.NODE, "the nodes that hold a key, primary first", (KEY,)),
-    Op("get", Kind.READ, "a key's value", (KEY,), _one_key),
-    Op("exists", Kind.READ, "whether a key holds a live entry", (KEY,), _one_key),
-    Op("ttl", Kind.READ, "seconds before a key expires", (KEY,), _one_key),
+    Op("get", Kind.READ, "a key's value", (KEY,), _one_key, resend=_always),
+    Op("exists", Kind.READ, "whether a key holds a live entry", (KEY,), _one_key,
+       resend=_always),
+    Op("ttl", Kind.READ, "seconds before a key expires", (KEY,), _one_key, resend=_always),
     Op("set", Kind.WRITE, "store a value",
        (KEY, Arg("value", "value"), TTL, Arg("nx", "flag", False), Arg("xx", "flag", False)),
-       _one_key, blind=_plain_set, check=_not_nx_and_xx),
-    Op("delete", Kind.WRITE, "delete a key", (KEY,), _one_key),
+       _one_key, blind=_plain_set, resend=_plain_set, check=_not_nx_and_xx),
+    Op("delete", Kind.WRITE, "delete a key", (KEY,), _one_key, resend=_always),
     Op("expire", Kind.WRITE, "give a key a new ttl (null: never expires)",
-       (KEY, Arg("ttl", "ttl")), _one_key),
+       (KEY, Arg("ttl", "ttl")), _one_key, resend=_always),
     Op("incr", Kind.WRITE, "add to an integer (a missing key counts from 0)",
        (KEY, Arg("delta", "delta", False)), _one_key),
     Op("mget", Kind.READ, "the values of the keys that exist", (Arg("keys", "keys"),),
-       _keys_arg, _part_of_keys, _merge_values),
+       _keys_arg, _part_of_keys, _merge_values, resend=_always),
     Op("mset", Kind.WRITE, "store several values", (Arg("items", "items"), TTL),
-       _items_keys, _part_of_items, _sum_of("stored"), blind=_always),
+       _items_keys, _part_of_items, _sum_of("stored"), blind=_always, resend=_always),
     # Handing entries to their new owner (Entry.to_wire forms); each is kept only
     # where it is newer than what the owner holds, so the last write wins.
     Op("restore", Kind.INTERNAL, "merge entries handed over by another node",

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable
 import cbor2
 
 from swarm.errors import BadRequest, SwarmError, TooLarge, UnknownOp
-from swarm.protocol.entry import Entry
-from swarm.protocol.ops import CLIENT_OPS, OPS
+from swarm.protocol.entry import Entry, version_from_wire
+from swarm.protocol.ops import CLIENT_OPS, OPS, Kind
 
 #: The largest absolute integer ``incr`` and ``delta`` accept: a signed 64-bit range,
 #: so counters behave the same for clients in every language.
@@ -259,6 +259,7 @@ class RequestParser:
     def __init__(self, limits: Limits = Limits(), internal: bool = False) -> None:
         self.limits = limits
         self._ops = OPS if internal else CLIENT_OPS
+        self._internal = internal
         self._validators: dict[str, Callable[[str, Any], Any]] = {
             "key": self._key,
             "value": self._value,
@@ -291,6 +292,12 @@ class RequestParser:
                 raise BadRequest(f"{name} needs the argument {arg.name!r}")
         if op.check is not None and (reason := op.check(request)) is not None:
             raise BadRequest(reason)
+        if self._internal and op.kind is Kind.WRITE and "at" in obj:
+            # the version a write was stamped with where it entered the swarm
+            try:
+                request["at"] = version_from_wire(obj["at"])
+            except ValueError as e:
+                raise BadRequest(f"at: {e}") from None
         return request
 
     def split(self, decoded: Any) -> tuple[list, bool]:

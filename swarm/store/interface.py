@@ -29,26 +29,32 @@ class IStore(Interface):
         """(found, value); counts a hit or a miss."""
 
     def set(
-        key: str, value: Any, ttl: float | None, nx: bool = False, xx: bool = False
+        key: str, value: Any, ttl: float | None, nx: bool = False, xx: bool = False,
+        at: Version | None = None,
     ) -> bool:
-        """Store ``value`` (expiring after ``ttl`` seconds, or never when None)."""
+        """Store ``value`` (expiring after ``ttl`` seconds, or never when None).
 
-    def delete(key: str) -> bool:
+        Every write takes ``at``: the version the write was stamped with where it
+        entered the swarm. It becomes the entry's version unless the copy held is as
+        new (then the version is just above the held one); a write already held at
+        ``at`` is not applied again. Without ``at``, the store's clock stamps it."""
+
+    def delete(key: str, at: Version | None = None) -> bool:
         """Leave a tombstone for ``key``; whether a live entry was there."""
 
     def exists(key: str) -> bool:
         """Whether ``key`` holds a live entry."""
 
-    def expire(key: str, ttl: float | None) -> bool:
+    def expire(key: str, ttl: float | None, at: Version | None = None) -> bool:
         """Give a live entry a new ttl (None: never expires); whether it existed."""
 
     def ttl(key: str) -> tuple[bool, float | None]:
         """(found, seconds left or None when the entry does not expire)."""
 
-    def set_many(items: dict[str, Any], ttl: float | None) -> int:
+    def set_many(items: dict[str, Any], ttl: float | None, at: Version | None = None) -> int:
         """Store every item, or none when one of them is too large."""
 
-    def incr(key: str, delta: int, ttl: float | None) -> int:
+    def incr(key: str, delta: int, ttl: float | None, at: Version | None = None) -> int:
         """Add ``delta`` to an integer entry (``ttl`` applies only if it is created)."""
 
     def put(entry: Entry) -> bool:

@@ -184,23 +184,29 @@ class MemoryStore:
         ttl: float | None,
         nx: bool = False,
         xx: bool = False,
+        at: Version | None = None,
     ) -> bool:
         if nx or xx:
             present = self._live(key) is not None
             if (nx and present) or (xx and not present):
                 return False
-        self._put(key, value, self._deadline(ttl), self.hlc.now())
+        version = self._stamp(key, at)
+        if version is not None:
+            self._put(key, value, self._deadline(ttl), version)
         return True
 
-    def set_many(self, items: dict[str, Any], ttl: float | None) -> int:
+    def set_many(self, items: dict[str, Any], ttl: float | None,
+                 at: Version | None = None) -> int:
         sized = [(key, value, self._entry_size(key, value)) for key, value in items.items()]
         deadline = self._deadline(ttl)
-        version = self.hlc.now()  # one write: one version for all its keys
+        version = self.hlc.now() if at is None else None  # one write, one version
         for key, value, size in sized:
-            self._put(key, value, deadline, version, size)
+            stamp = version or self._stamp(key, at)
+            if stamp is not None:
+                self._put(key, value, deadline, stamp, size)
         return len(sized)
 
-    def incr(self, key: str, delta: int, ttl: float | None) -> int:
+    def incr(self, key: str, delta: int, ttl: float | None, at: Version | None = None) -> int:
         slot = self._live(key)
         if slot is None:
             current, deadline = 0, self._deadline(ttl)
@@ -211,23 +217,49 @@ class MemoryStore:
         result = current + delta
         if not INT64_MIN <= result <= INT64_MAX:
             raise NotInteger(f"incrementing {key!r} would overflow a 64-bit integer")
-        self._put(key, result, deadline, self.hlc.now())
+        version = self._stamp(key, at)
+        if version is None:  # this very increment ran already
+            return current
+        self._put(key, result, deadline, version)
         return result
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, at: Version | None = None) -> bool:
         """A tombstone whether or not the key is here: a copy may live elsewhere (a
         frozen node, the other side of a partition) and must not come back."""
         existed = self._live(key) is not None
-        self._bury(key, self.hlc.now(), self.tombstone_ttl)
+        version = self._stamp(key, at)
+        if version is not None:
+            self._bury(key, version, self.tombstone_ttl)
         return existed
 
-    def expire(self, key: str, ttl: float | None) -> bool:
+    def expire(self, key: str, ttl: float | None, at: Version | None = None) -> bool:
         slot = self._live(key)
         if slot is None:
             return False
-        slot.version = self.hlc.now()  # a new expiry is a write like any other
-        self._set_deadline(key, slot, self._deadline(ttl))
+        version = self._stamp(key, at)
+        if version is not None:
+            slot.version = version  # a new expiry is a write like any other
+            self._set_deadline(key, slot, self._deadline(ttl))
         return True
+
+    def _stamp(self, key: str, at: Version | None) -> Version | None:
+        """The version of a write: this clock's next, or for a write stamped where it
+        entered the swarm (``at``), that stamp, unless the copy held is as new: then
+        just above it (writes to one key are ordered as they arrive here), or None
+        when the copy held is this very write (the request was sent again). A write
+        run late (by a node that was frozen with it) keeps the age it had when it was
+        made, so it cannot overtake writes made after it."""
+        if at is None:
+            return self.hlc.now()
+        self.hlc.observe(at)
+        held = self._current(key)
+        if held is None or held.version < at:
+            return at
+        if held.version == at:
+            return None
+        above = (held.version[0], held.version[1] + 1, self.hlc.node_id)
+        self.hlc.observe(above)
+        return above
 
     # -- merging and moving entries -------------------------------------------------
 
