@@ -465,13 +465,15 @@ class Writer:
     async def problems(self, client: SwarmClient) -> list[str]:
         """What ``client`` reads that breaks the rules: a key missing or older than its
         last acknowledged write, or a value never sent."""
+        acked = dict(self.acked)  # before the read: what it must see at least
         values = await client.mget(self.keys)
+        sent = dict(self.sent)  # after the read: a write sent meanwhile may show
         found = []
-        for key, acked in self.acked.items():
+        for key, least in acked.items():
             value = values.get(key)
             if value is None:
-                found.append(f"{key} missing (acknowledged {acked})")
-            elif not acked <= value <= self.sent[key]:
-                found.append(f"{key} = {value} (acknowledged {acked}, sent up to "
-                             f"{self.sent[key]})")
+                found.append(f"{key} missing (acknowledged {least})")
+            elif not least <= value <= sent[key]:
+                found.append(f"{key} = {value} (acknowledged {least}, sent up to "
+                             f"{sent[key]})")
         return found
