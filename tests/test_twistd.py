@@ -300,6 +300,13 @@ def test_a_listen_that_fails_after_twistd_started_ends_it_with_status_1_and_one_
         ("--port", "bogus:1"),
         ("--port", "tcp:notaport"),
         ("--port", "99999"),
+        ("--secret-file", "/nonexistent/secret"),
+        ("--peer-ca", "/nonexistent/ca.pem"),
+        ("--client-token-file", "/nonexistent/tokens"),
+        ("--max-connections", "0"),
+        ("--handshake-timeout", "0"),
+        ("--idle-timeout", "-1"),
+        ("--max-in-flight", "many"),
     ],
 )
 def test_bad_option_value_exits_non_zero_with_a_clear_message(tmp_path, option, value):
@@ -343,6 +350,26 @@ def test_numbers_out_of_range_name_the_range_and_the_value(option, value, error)
 
     with pytest.raises(usage.UsageError, match=re.escape(error)):
         Options().parseOptions([option, value])
+
+
+def test_secret_file_is_read_and_a_short_secret_refused(tmp_path):
+    from twisted.python import usage
+
+    from swarm.node.config import NodeConfig
+    from swarm.node.tap import Options
+
+    good, short = tmp_path / "good", tmp_path / "short"
+    good.write_text("  0123456789abcdef0123  \n")
+    short.write_text("tooshort\n")
+    options = Options()
+    options.parseOptions(["--secret-file", str(good), "--allowed-origin",
+                          "https://app.example/", "--allowed-origin", "*"])
+    config = NodeConfig.from_options(options)
+    assert config.peer_secret == b"0123456789abcdef0123"
+    assert config.allowed_origins == ("https://app.example", "*")
+    assert "0123456789" not in repr(config)  # never in a log line
+    with pytest.raises(usage.UsageError, match="holds 8 bytes; a secret needs at least 16"):
+        Options().parseOptions(["--secret-file", str(short)])
 
 
 # -- (e) log level -------------------------------------------------------------------------

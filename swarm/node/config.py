@@ -22,10 +22,23 @@ DEFAULT_SWARM = "swarmcache"
 #: Peer links are pinged this often; a peer silent for interval + timeout is dropped.
 DEFAULT_PING_INTERVAL = 1.0
 DEFAULT_PING_TIMEOUT = 2.0
+#: TCP connections a listener holds at once (clients, peers and /health together).
+DEFAULT_MAX_CONNECTIONS = 1024
+#: Seconds a connection may take from TCP accept to an open WebSocket (or an HTTP reply).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a client connection may stay open with no frame from the client (0: never).
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: Requests of one client connection being worked on at once; past it, the node stops
+#: reading that connection until replies drain.
+DEFAULT_MAX_IN_FLIGHT = 1024
 
 
 def new_node_id() -> str:
     return "node-" + os.urandom(4).hex()
+
+
+#: twistd options whose NodeConfig field has another name.
+_RENAMED = {"peer": "peers", "allowed-origin": "allowed_origins"}
 
 
 @dataclass(frozen=True)
@@ -47,11 +60,27 @@ class NodeConfig:
     ping_interval: float = DEFAULT_PING_INTERVAL
     ping_timeout: float = DEFAULT_PING_TIMEOUT
     limits: Limits = Limits()
+    #: The swarm's shared secret: peers prove they hold it before they link (None: open).
+    peer_secret: bytes | None = field(default=None, repr=False)
+    #: CA certificates (PEM file) that wss:// peers are verified against (None: the
+    #: system's trust store).
+    peer_ca: str | None = None
+    #: A file of client tokens, one a line, read at start and on SIGHUP (None: no tokens).
+    client_token_file: str | None = None
+    #: Browser origins allowed without a token (``*``: any); others are refused.
+    allowed_origins: tuple[str, ...] = ()
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if not self.node_id:  # None or "" from an option left out
             object.__setattr__(self, "node_id", new_node_id())
         object.__setattr__(self, "peers", tuple(self.peers))
+        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
+        if self.peer_secret is not None and not self.peer_secret:
+            raise ValueError("peer_secret must not be empty")
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or (
             self.replicas < 1
         ):
@@ -64,7 +93,7 @@ class NodeConfig:
         names = {f.name for f in fields(cls)}
         given = {}
         for option, value in options.items():
-            name = "peers" if option == "peer" else option.replace("-", "_")
+            name = _RENAMED.get(option, option.replace("-", "_"))
             if name in names:
                 given[name] = value
         return cls(**given)

@@ -16,6 +16,10 @@ from swarm.cluster.router import WRITE_ACKS
 from swarm.mesh.dialer import peer_endpoint_description
 from swarm.mesh.peer_wire import MAX_REQUEST_MS
 from swarm.node.config import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_VALUE_SIZE,
@@ -74,6 +78,34 @@ _request_seconds = _number(float, "a number of seconds", 0, MAX_REQUEST_MS / 100
 #: to a whole second: a ping timeout under 1 s gives up before the pong can come back,
 #: and an interval under 1 s sends pings back to back for part of every second.
 _ping_seconds = _number(float, "a number of seconds", 1, 1e9)
+_timeout_seconds = _number(float, "a number of seconds", 0, 1e6, above=True)
+#: The shortest secret accepted: a short one can be guessed offline from one handshake.
+MIN_SECRET_BYTES = 16
+
+
+def read_secret(path: str) -> bytes:
+    """The secret in ``path``, surrounding whitespace removed; a clear error if the
+    file cannot be read or holds too little."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise usage.UsageError(f"--secret-file: cannot read {path!r}: {e.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise usage.UsageError(
+            f"--secret-file: {path!r} holds {len(secret)} bytes; a secret needs at least "
+            f"{MIN_SECRET_BYTES} (e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return secret
+
+
+def _readable_file(option: str):
+    def coerce(path: str) -> str:
+        if not os.access(path, os.R_OK) or os.path.isdir(path):
+            raise usage.UsageError(f"--{option}: cannot read {path!r}")
+        return path
+
+    return coerce
 
 
 class Options(usage.Options):
@@ -116,12 +148,40 @@ class Options(usage.Options):
          "ping-interval + ping-timeout is dropped.", _ping_seconds],
         ["ping-timeout", None, DEFAULT_PING_TIMEOUT,
          "Seconds a peer may take to answer a ping; at least 1.", _ping_seconds],
+        ["peer-ca", None, None,
+         "PEM file of CA certificates that wss:// peers are verified against "
+         "(default: the system's trust store).", _readable_file("peer-ca")],
+        ["client-token-file", None, None,
+         "File of client tokens, one a line, reread on SIGHUP; clients then present one "
+         "(Authorization: Bearer, or ?token=) or are refused.",
+         _readable_file("client-token-file")],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
+         "TCP connections held at once on each listening endpoint (clients, peers and "
+         "/health); past it new ones are closed at once.", _positive_int],
+        ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
+         "Seconds a connection may take to complete its HTTP request or WebSocket "
+         "handshake.", _timeout_seconds],
+        ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT,
+         "Seconds a client connection may send nothing before it is closed (0: never).",
+         _seconds],
+        ["max-in-flight", None, DEFAULT_MAX_IN_FLIGHT,
+         "Requests of one client connection worked on at once; past it the node reads "
+         "no more from that connection until replies drain.", _positive_int],
         ["log-level", None, "info", "One of: " + ", ".join(logs.LEVELS) + "."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["peer"] = []
+        self["allowed-origin"] = []
+
+    def opt_secret_file(self, path: str) -> None:
+        """File of the swarm's shared secret (16+ bytes) that peers must prove to link."""
+        self["peer-secret"] = read_secret(path)
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Browser Origin allowed without a token (https://app.example, *); repeatable."""
+        self["allowed-origin"].append(origin.rstrip("/"))
 
     def opt_peer(self, url: str) -> None:
         """URL of a node to keep a link to (ws://host:port); repeatable."""
