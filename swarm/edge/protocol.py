@@ -16,6 +16,7 @@ from swarm.cluster.router import QueryRouter
 from swarm.connections import ConnectionTracker
 from swarm.errors import InternalError, SwarmError, TooLarge
 from swarm.logs import logger
+from swarm.node.config import NodeConfig
 from swarm.protocol.wire import (
     RequestParser,
     decode_frame,
@@ -126,10 +127,13 @@ class ClientFactory(WebSocketServerFactory, ConnectionTracker):
     protocol = ClientProtocol
     noisy = False
 
-    def __init__(self, frames: FrameHandler, max_message_size: int) -> None:
+    def __init__(self, frames: FrameHandler, config: NodeConfig, clock: Any) -> None:
         WebSocketServerFactory.__init__(self)
         ConnectionTracker.__init__(self)
         self.frames = frames
+        self.config = config
+        self.clock = clock
+        max_message_size = config.max_message_size
         # One call: Autobahn resets allowNullOrigin on every setProtocolOptions.
         self.setProtocolOptions(
             maxMessagePayloadSize=max_message_size,

@@ -9,12 +9,14 @@ the node's id because another live node has it).
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from swarm.node.config import NodeConfig
 
 
 class HealthResource(Resource):
@@ -36,6 +38,8 @@ def build_site(
     client_factory,
     peer_resource,
     health: Callable[[], tuple[bool, dict]],
+    config: NodeConfig,
+    clock: Any,
 ) -> Site:
     """The node's Site: clients, peers or both (a ``--peer-port`` splits them)."""
     root = _Root()

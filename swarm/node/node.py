@@ -181,7 +181,7 @@ class SwarmNode(MultiService, CacheOps):
         self.store, self.parser = core.store, core.parser
         self.overlay, self.router, self.rebalancer = core.overlay, core.router, core.rebalancer
         self.client_factory = ClientFactory(
-            FrameHandler(self.parser, self.router), config.max_message_size
+            FrameHandler(self.parser, self.router), config, reactor
         )
         self._ping = (config.ping_interval, config.ping_timeout)
         self.peer_factory = PeerServerFactory(self.overlay, *self._ping)
@@ -194,7 +194,8 @@ class SwarmNode(MultiService, CacheOps):
         self._listener = _Listener(
             _endpoint(reactor, config.port),
             build_site(
-                self.client_factory, None if peer_port else peer_resource, self._health
+                self.client_factory, None if peer_port else peer_resource, self._health,
+                config, reactor,
             ),
             factories, reactor,
         )
@@ -203,7 +204,7 @@ class SwarmNode(MultiService, CacheOps):
         if peer_port is not None:
             self._peer_listener = _Listener(
                 _endpoint(reactor, peer_port),
-                build_site(None, peer_resource, self._health), [], reactor,
+                build_site(None, peer_resource, self._health, config, reactor), [], reactor,
             )
             self._peer_listener.setServiceParent(self)
         for url in config.peers:
