@@ -515,3 +515,15 @@ def test_flooding_settles_on_the_true_components(history, rng):
     swarm.settle(rng)
     swarm.assert_converged()
     assert max(swarm.crossings.values(), default=0) <= 1
+
+
+def test_a_full_database_drops_announcements_of_new_nodes_only(monkeypatch):
+    """A peer that invents nodes cannot grow the database (and each view's cost)
+    without bound; known nodes still get their updates."""
+    import swarm.mesh.membership as membership
+
+    monkeypatch.setattr(membership, "MAX_NODES", 4)
+    m = Membership("a", 1)
+    assert len(m.receive([Announcement(f"n{i}", 1, 1, ("a",)) for i in range(5)])) == 3
+    assert m.dropped == 2 and len(m.announcements()) == 4
+    assert m.receive([Announcement("n0", 1, 2, ())]) == [Announcement("n0", 1, 2, ())]

@@ -3,6 +3,8 @@ and, through a real node, that a peer's hostile numbers close only its own link.
 
 from __future__ import annotations
 
+import re
+
 import cbor2
 import pytest
 import pytest_twisted
@@ -170,11 +172,31 @@ def test_check_messages_validates_without_cbor_and_leaves_its_input_alone():
 
 
 def test_hello_builds_a_hello_that_passes_its_own_checks():
-    msg = hello("n1", "prod", 99)
+    nonce = bytes(32)
+    msg = hello("n1", "prod", 99, nonce, True)
     assert msg == {"t": "hello", "node": "n1", "proto": PROTOCOL_VERSION, "swarm": "prod",
-                   "inc": 99}
+                   "inc": 99, "nonce": nonce, "auth": True}
     (decoded,) = decode_peer_frame(encode_peer_frame([msg]), True)
     assert check_hello(decoded, "n2", "prod") is None
+
+
+@pytest.mark.parametrize("msg, error", [
+    ({"t": "hello", "node": "n", "swarm": "s", "proto": 2, "inc": 1, "nonce": b"short"},
+     "hello.nonce must be 32 bytes"),
+    ({"t": "hello", "node": "n", "swarm": "s", "proto": 2, "inc": 1, "auth": "yes"},
+     "hello.auth must be a boolean"),
+    ({"t": "hello", "node": "n" * 257, "swarm": "s", "proto": 2, "inc": 1},
+     "hello.node must be a string of 1 to 256 characters"),
+    ({"t": "auth", "mac": "not bytes"}, "auth.mac must be 32 bytes"),
+    ({"t": "lsa", "anns": [{"node": "n", "inc": 1, "seq": 1,
+                            "links": [f"l{i}" for i in range(1025)]}]},
+     "an announcement lists at most 1024 links"),
+    ({"t": "lsa", "anns": [{"node": "x" * 257, "inc": 1, "seq": 1, "links": []}]},
+     "announcement node must be a string of 1 to 256 characters"),
+])
+def test_handshake_fields_and_announcements_are_bounded(msg, error):
+    with pytest.raises(PeerProtocolError, match=re.escape(error)):
+        check_messages([msg])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
 
+from swarm.mesh.auth import new_nonce
 from swarm.mesh.membership import Announcement
 from swarm.mesh.overlay import Overlay
 from swarm.mesh.peer_wire import (
@@ -20,6 +21,7 @@ from swarm.mesh.peer_wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REFUSED,
+    CLOSE_UNAUTHORIZED,
     MAX_HOPS,
     MAX_REQUEST_MS,
     PROTOCOL_VERSION,
@@ -30,19 +32,26 @@ from swarm.mesh.peer_wire import (
 )
 from swarm.mesh.session import PeerSession, State
 
+NONCE = bytes(range(32))
+
 
 class End:
     """One end of a connection: an overlay, its session, and what the session did."""
 
-    def __init__(self, overlay: Overlay, address: str = "tcp:peer") -> None:
+    def __init__(self, overlay: Overlay, address: str = "tcp:peer",
+                 nonce: bytes | None = None) -> None:
         self.overlay = overlay
+        self.nonce = nonce or new_nonce()
         self.sent: list[dict] = []
         self.closed: list[tuple[int, str]] = []
         self.linked: list = []
         self.failed: list[str] = []
+        self.trusted: list[State] = []
         self.session = PeerSession(
             overlay, self.sent.extend, lambda code, reason: self.closed.append((code, reason)),
             address=address, on_linked=self.linked.append, on_failed=self.failed.append,
+            on_trusted=lambda: self.trusted.append(self.session.state),
+            nonce=lambda: self.nonce,
         )
 
     def take(self) -> list[dict]:
@@ -55,8 +64,9 @@ class End:
         self.session.received(decode_peer_frame(encode_peer_frame(list(messages)), True))
 
 
-def overlay(node_id: str, clock, incarnation: int = 1, swarm: str = "s") -> Overlay:
-    o = Overlay(node_id, swarm, incarnation, clock)
+def overlay(node_id: str, clock, incarnation: int = 1, swarm: str = "s",
+            secret: bytes | None = None) -> Overlay:
+    o = Overlay(node_id, swarm, incarnation, clock, secret=secret)
     o.handle_request = lambda req, timeout, hops, to: {
         "id": req["id"], "ok": True, "ran": [node_id, timeout, hops, to]}
     return o
@@ -99,10 +109,10 @@ def clock():
 
 
 def test_a_session_says_hello_first_and_waits_for_the_peers(clock):
-    end = End(overlay("a", clock, incarnation=7))
+    end = End(overlay("a", clock, incarnation=7), nonce=NONCE)
     assert end.session.state is State.AWAIT_HELLO and end.sent == []
     end.session.start()
-    assert end.take() == [hello("a", "s", 7)]
+    assert end.take() == [hello("a", "s", 7, NONCE)]
     assert end.session.state is State.AWAIT_HELLO and end.session.link is None
 
 
@@ -183,6 +193,92 @@ def test_an_undecodable_frame_closes_with_4001_once(clock):
     end.session.protocol_error("undecodable peer frame: boom")
     end.session.protocol_error("again")
     assert end.closed == [(CLOSE_PROTOCOL_ERROR, "undecodable peer frame: boom")]
+
+
+# -- authentication (a shared secret) ------------------------------------------------------
+
+SECRET, OTHER = b"s" * 32, b"o" * 32
+
+
+def test_with_one_secret_both_ends_prove_it_and_link(clock):
+    a, b = overlay("a", clock, secret=SECRET), overlay("b", clock, secret=SECRET)
+    ea, eb = connect(a, b)
+    for end, peer in ((ea, "b"), (eb, "a")):
+        assert end.session.state is State.LINKED and end.closed == []
+        assert end.trusted == [State.LINKED]  # large frames allowed only now
+    assert a.membership.reachable == b.membership.reachable == {"a", "b"}
+
+
+def test_the_link_waits_for_the_proof_and_reads_nothing_before_it(clock):
+    a = End(overlay("a", clock, secret=SECRET))
+    a.session.start()
+    a.take()
+    a.feed(hello("b", "s", 1, new_nonce(), True))
+    assert a.session.state is State.AWAIT_AUTH and a.trusted == []
+    assert [m["t"] for m in a.take()] == ["auth"]  # its own proof, at once
+    a.feed({"t": "lsa", "anns": [Announcement("x", 1, 1, ("b",)).to_wire()]})
+    assert a.closed == [(CLOSE_PROTOCOL_ERROR, "a lsa before the peer's proof (auth)")]
+    assert a.overlay.membership.reachable == {"a"} and a.overlay.neighbors == []
+    assert "x" not in {ann.node for ann in a.overlay.membership.announcements()}
+
+
+@pytest.mark.parametrize("secrets, refusal", [
+    ((SECRET, OTHER), "did not prove it holds the swarm's secret"),
+    ((SECRET, None), "this node has a secret (--secret-file) and the peer none"),
+    ((None, SECRET), "the peer has a secret (--secret-file) and this node none"),
+])
+def test_a_peer_without_the_secret_is_refused_with_4004(clock, secrets, refusal):
+    a, b = (overlay(n, clock, secret=k) for n, k in zip("ab", secrets))
+    ea, eb = connect(a, b)
+    code, reason = ea.closed[0]
+    assert code == CLOSE_UNAUTHORIZED and refusal in reason
+    assert a.neighbors == [] and ea.trusted == []
+    assert ea.session.state is State.CLOSING
+
+
+def test_a_replayed_handshake_is_refused(clock):
+    """An eavesdropper that recorded b's hello and proof to a cannot use them later:
+    a's next connection has a new nonce, so the old proof does not answer it."""
+    a, b = overlay("a", clock, secret=SECRET), overlay("b", clock, secret=SECRET)
+    ea, eb = End(a), End(b)
+    ea.session.start(), eb.session.start()
+    recorded = []
+    for _ in range(10):  # pump, recording what b says
+        to_a, to_b = eb.take(), ea.take()
+        recorded += to_a
+        if to_b:
+            eb.session.received(to_b)
+        if to_a:
+            ea.session.received(to_a)
+    assert ea.session.state is State.LINKED
+    lose(ea, eb)
+    replay = End(a)
+    replay.session.start()
+    replay.feed(*[m for m in recorded if m["t"] in ("hello", "auth")])
+    assert replay.closed and replay.closed[0][0] == CLOSE_UNAUTHORIZED
+    assert a.neighbors == []
+
+
+def test_a_proof_sent_back_to_its_maker_is_refused(clock):
+    """Reflection: the proof a made for "b" does not pass as b's proof to a."""
+    a = End(overlay("a", clock, secret=SECRET))
+    a.session.start()
+    a.take()
+    a.feed(hello("b", "s", 1, a.nonce, True))  # a's own nonce, so a's proof is...
+    [proof] = a.take()
+    a.feed(proof)  # ...sent straight back
+    assert a.closed[0][0] == CLOSE_UNAUTHORIZED and a.overlay.neighbors == []
+
+
+def test_an_outsider_naming_a_live_node_learns_nothing_of_it(clock):
+    """The duplicate-id check runs after the proof: without the secret a hello naming
+    a linked node is refused as unauthenticated, not as a duplicate."""
+    a, b = overlay("a", clock, secret=SECRET), overlay("b", clock, secret=SECRET)
+    connect(a, b)
+    outsider = overlay("b", clock, incarnation=99)
+    ea, _ = connect(a, outsider)
+    assert [code for code, _ in ea.closed] == [CLOSE_UNAUTHORIZED]
+    assert a.neighbors == ["b"] and a.conflict is None
 
 
 # -- after the close ----------------------------------------------------------------------
@@ -379,7 +475,7 @@ def test_the_hello_carries_the_incarnation_this_node_announces(clock):
     a duplicate."""
     n = overlay("n", clock, 100)
     n.membership.receive([Announcement("n", 500, 4, ())])  # its previous life's
-    assert n.hello()["inc"] == 500
+    assert n.hello(NONCE)["inc"] == 500
 
 
 # -- the two-phase close: bye ------------------------------------------------------------
@@ -583,7 +679,8 @@ def assert_ended_cleanly(end: End, clock: task.Clock) -> None:
     clock.advance(MAX_REQUEST_MS / 1000)
     lose(end, code=CLOSE_DUPLICATE_ID)
     assert end.session.state is State.CLOSED
-    assert all(code in (CLOSE_REFUSED, CLOSE_PROTOCOL_ERROR) for code, _ in end.closed)
+    assert all(code in (CLOSE_REFUSED, CLOSE_PROTOCOL_ERROR, CLOSE_UNAUTHORIZED)
+               for code, _ in end.closed)
     assert not end.overlay.busy and end.overlay.neighbors == []
 
 

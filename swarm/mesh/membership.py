@@ -27,6 +27,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 
+#: The longest node id accepted from a peer (ids name nodes in logs and on the wire).
+MAX_ID_BYTES = 256
+#: The most links one announcement may list: far more than a node dials or accepts.
+MAX_LINKS = 1024
+#: The most nodes the database holds: a peer that invents nodes cannot grow it (and
+#: the cost of each view computation) without bound. Announcements of further nodes
+#: are dropped.
+MAX_NODES = 10_000
+
+
 @dataclass(frozen=True)
 class Announcement:
     """One node's links as of one version."""
@@ -59,19 +69,24 @@ class Announcement:
         if not isinstance(obj, dict):
             raise ValueError("an announcement must be a map")
         node, inc, seq, links = (obj.get(k) for k in ("node", "inc", "seq", "links"))
-        if not isinstance(node, str) or not node:
-            raise ValueError("announcement node must be a non-empty string")
+        if not _is_id(node):
+            raise ValueError(
+                f"announcement node must be a string of 1 to {MAX_ID_BYTES} characters")
         for name, n in (("inc", inc), ("seq", seq)):
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"announcement {name} must be a non-negative integer")
-        if not isinstance(links, list) or not all(
-            isinstance(x, str) and x for x in links
-        ):
+        if not isinstance(links, list) or not all(_is_id(x) for x in links):
             raise ValueError("announcement links must be a list of node ids")
+        if len(links) > MAX_LINKS:
+            raise ValueError(f"an announcement lists at most {MAX_LINKS} links")
         leaving = obj.get("leaving", False)
         if not isinstance(leaving, bool):
             raise ValueError("announcement leaving must be a boolean")
         return cls(node, inc, seq, tuple(sorted(set(links))), leaving)
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, str) and 0 < len(x) <= MAX_ID_BYTES
 
 
 #: How often a node answers announcements about itself that it did not make. Once is
@@ -87,6 +102,8 @@ class Membership:
         self.self_id = self_id
         #: Announcements about this node that it did not make (see MAX_SELF_CORRECTIONS).
         self.self_conflicts = 0
+        #: Announcements of new nodes dropped because the database was full.
+        self.dropped = 0
         self._db: dict[str, Announcement] = {
             self_id: Announcement(self_id, incarnation, 1, ())
         }
@@ -139,6 +156,9 @@ class Membership:
                     ))
                 continue
             if known is not None and ann.version <= known.version:
+                continue
+            if known is None and len(self._db) >= MAX_NODES:
+                self.dropped += 1
                 continue
             self._db[ann.node] = ann
             fresh.append(ann)

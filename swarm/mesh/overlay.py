@@ -55,11 +55,15 @@ class Overlay:
         clock,
         on_view_change: Callable[[], None] = lambda: None,
         handle_request: RequestHandler | None = None,
+        secret: bytes | None = None,
     ) -> None:
         """``handle_request`` answers the requests neighbors forward (the router's
-        ``route_forwarded``); ``on_view_change`` hears of every change of the view."""
+        ``route_forwarded``); ``on_view_change`` hears of every change of the view;
+        with a ``secret``, only peers that prove they hold it link
+        (:mod:`swarm.mesh.auth`)."""
         self.node_id = node_id
         self.swarm_name = swarm_name
+        self.secret = secret
         self.clock = clock
         self.membership = Membership(node_id, incarnation)
         self.on_view_change = on_view_change
@@ -77,10 +81,11 @@ class Overlay:
 
     # -- links ------------------------------------------------------------------------
 
-    def hello(self) -> dict:
+    def hello(self, nonce: bytes) -> dict:
         # the incarnation this node announces: after answering a stale announcement of
         # its previous life (a clock that went back) that is the one peers hold
-        return hello(self.node_id, self.swarm_name, self.membership.own.incarnation)
+        return hello(self.node_id, self.swarm_name, self.membership.own.incarnation,
+                     nonce, self.secret is not None)
 
     @property
     def neighbors(self) -> list[str]:
@@ -204,8 +209,12 @@ class Overlay:
 
     def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
         before = self._view()
-        conflicts = self.membership.self_conflicts
+        conflicts, dropped = self.membership.self_conflicts, self.membership.dropped
         self._spread(self.membership.receive(anns), link.peer, before)
+        if self.membership.dropped > dropped:
+            _log.warn("dropped announcements of {count} new nodes from {peer}: the swarm "
+                      "map holds {most} nodes at most", count=self.membership.dropped - dropped,
+                      peer=link.peer, most=len(self.membership.announcements()))
         if self.membership.self_conflicts > conflicts:
             _log.warn(
                 "an announcement about {node} that this node did not make came via "

@@ -4,7 +4,11 @@ Every peer frame is a binary WebSocket message holding a CBOR array of message m
 so batching many messages in one frame costs nothing extra. Each message has a type
 ``t``:
 
-``hello``  ``node``, ``proto``, ``swarm``, ``inc`` -- first message each way on a link
+``hello``  ``node``, ``proto``, ``swarm``, ``inc``, ``nonce`` (random bytes), ``auth``
+           (whether the sender holds a secret) -- first message each way on a link
+``auth``   ``mac``: the sender's proof that it holds the swarm's secret, bound to both
+           hellos (:mod:`swarm.mesh.auth`); sent after the peer's hello when secrets
+           are in use, and nothing else is accepted until it checks out
 ``lsa``    ``anns``: membership announcements to merge and flood
 ``req``    ``rid``, ``ms`` (time left), ``hops`` (hops left), ``req`` (a request),
            optional ``to`` (the node that must run it, else the key's owner does)
@@ -31,6 +35,8 @@ Close codes (WebSocket application range; the reason says more):
           another incarnation (reachable through another link, or linked directly);
           the node so refused reports it (``Overlay.conflict``, ``/health`` 503)
 ``4003``  this node failed while handling a peer's message (a bug: see its log)
+``4004``  not authenticated: a wrong proof (another secret, or a replayed handshake),
+          or one side has a secret and the other none
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from typing import Any, Iterator
 
 import cbor2
 
-from swarm.mesh.membership import Announcement
+from swarm.mesh.auth import NONCE_BYTES, PROOF_BYTES
+from swarm.mesh.membership import MAX_ID_BYTES, Announcement
 from swarm.protocol.wire import decode_cbor
 
 #: 2: entries carry versions (issue 6), and links close in two phases (``bye``).
@@ -50,6 +57,7 @@ CLOSE_REFUSED = 4000
 CLOSE_PROTOCOL_ERROR = 4001
 CLOSE_DUPLICATE_ID = 4002
 CLOSE_INTERNAL_ERROR = 4003
+CLOSE_UNAUTHORIZED = 4004
 
 #: The longest time left a forwarded request may carry (one day; requests time out in
 #: seconds), and the most hops it may have left (the router starts at 32).
@@ -65,6 +73,9 @@ class PeerProtocolError(Exception):
 
 #: The largest peer frame a node accepts; a link that receives more is closed (1009).
 MAX_PEER_MESSAGE = 64 * 1024 * 1024
+#: The largest frame read before the link is up (hello and auth are a few hundred
+#: bytes): an unauthenticated peer cannot make this node buffer or decode more.
+MAX_HANDSHAKE_MESSAGE = 4096
 #: Frames are cut at about this size, so one large reply does not hold up the others.
 FRAME_TARGET = 1024 * 1024
 
@@ -144,8 +155,16 @@ def _map(msg: dict, name: str) -> dict:
 
 def _str(msg: dict, name: str) -> str:
     v = msg.get(name)
-    if not isinstance(v, str) or not v:
-        raise PeerProtocolError(f"{msg.get('t')}.{name} must be a non-empty string")
+    if not isinstance(v, str) or not v or len(v) > MAX_ID_BYTES:
+        raise PeerProtocolError(
+            f"{msg.get('t')}.{name} must be a string of 1 to {MAX_ID_BYTES} characters")
+    return v
+
+
+def _bytes(msg: dict, name: str, size: int) -> bytes:
+    v = msg.get(name)
+    if not isinstance(v, bytes) or len(v) != size:
+        raise PeerProtocolError(f"{msg.get('t')}.{name} must be {size} bytes")
     return v
 
 
@@ -165,6 +184,12 @@ def _check(msg: Any) -> dict:
     t = msg.get("t")
     if t == "hello":
         _str(msg, "node"), _str(msg, "swarm"), _int(msg, "proto"), _int(msg, "inc")
+        if "nonce" in msg:  # nodes before issue 8 send none
+            _bytes(msg, "nonce", NONCE_BYTES)
+        if not isinstance(msg.get("auth", False), bool):
+            raise PeerProtocolError("hello.auth must be a boolean")
+    elif t == "auth":
+        _bytes(msg, "mac", PROOF_BYTES)
     elif t == "lsa":
         anns = msg.get("anns")
         if not isinstance(anns, list):
@@ -185,9 +210,17 @@ def _check(msg: Any) -> dict:
     return msg
 
 
-def hello(node: str, swarm: str, incarnation: int) -> dict:
-    return {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
-            "inc": incarnation}
+def hello(node: str, swarm: str, incarnation: int, nonce: bytes | None = None,
+          auth: bool = False) -> dict:
+    msg = {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
+           "inc": incarnation, "auth": auth}
+    if nonce is not None:
+        msg["nonce"] = nonce
+    return msg
+
+
+def auth(mac: bytes) -> dict:
+    return {"t": "auth", "mac": mac}
 
 
 def bye() -> dict:

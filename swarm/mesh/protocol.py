@@ -5,6 +5,12 @@ frame, feed the messages to the session, send what it gives them (coalesced per 
 turn and cut into frames of a size peers accept) and close when it says so. Autobahn's
 pings watch the link: a peer that stops answering (killed, frozen, cut off) is dropped
 within ``ping_interval + ping_timeout`` seconds.
+
+Until the session trusts the peer (its hello, and with a secret its proof, accepted),
+frames are capped at :data:`~swarm.mesh.peer_wire.MAX_HANDSHAKE_MESSAGE` bytes, so an
+outsider cannot make the node buffer or decode a large frame; this node's own
+handshake messages leave at once, each in a frame of its own, so nothing that follows
+them shares a frame the peer still reads with the small cap.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.overlay import Overlay
 from swarm.mesh.peer_wire import (
+    MAX_HANDSHAKE_MESSAGE,
     MAX_PEER_MESSAGE,
     PeerProtocolError,
     decode_peer_frame,
     encode_message,
+    encode_peer_frame,
     frames_of,
 )
 from swarm.mesh.session import PeerSession
@@ -50,10 +58,15 @@ class _PeerProtocolMixin:
     def connectionMade(self) -> None:
         super().connectionMade()
         factory = self.factory
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = MAX_HANDSHAKE_MESSAGE
         self.session = PeerSession(
             factory.overlay, self._send, self._close, address=self.peer,
             on_linked=factory.linked, on_failed=factory.handshake_failed,
+            on_trusted=self._trusted,
         )
+
+    def _trusted(self) -> None:
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = MAX_PEER_MESSAGE
 
     def onOpen(self) -> None:
         self.factory.opened(self)
@@ -81,6 +94,10 @@ class _PeerProtocolMixin:
         super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
 
     def _send(self, messages: list[dict]) -> None:
+        if self.session.handshaking:
+            if self.state == self.STATE_OPEN:
+                self.sendMessage(encode_peer_frame(messages), isBinary=True)
+            return
         if self._outbox is None:
             self._outbox = []
             self.factory.overlay.clock.callLater(0, self._flush)

@@ -8,19 +8,24 @@ lists on a ``task.Clock``.
 
 States, each with its own handler for what arrives::
 
-    AWAIT_HELLO --hello accepted--> LINKED --bye--> PARTED
-         |                            |               |
-         +----------------------------+---------------+--refused / protocol error--> CLOSING
+    AWAIT_HELLO --hello accepted (no secret)--------------> LINKED --bye--> PARTED
+         |                                                   ^
+         +--hello accepted (secret)--> AWAIT_AUTH --proof ok-+
+    refused / protocol error in any of them --> CLOSING
     (connection_lost in any state ends in CLOSED)
+
+With a secret (``Overlay.secret``), a hello is answered with ``auth``, this node's
+proof that it holds the secret (:mod:`swarm.mesh.auth`), and the link comes up only
+once the peer's proof checks out: before that, nothing but the proof is accepted, and
+no membership or request is read. A node with a secret refuses a peer without one and
+the other way round, each saying why (close code 4004). The identity checks
+(duplicate id) run only after the proof, so they tell an outsider nothing.
 
 PARTED is the first phase of a close (``bye`` in :mod:`swarm.mesh.peer_wire`): the
 peer said bye, so nothing new is routed over this connection, but requests and replies
 still flow on it until the stopping side closes. A bye is answered with one unless this
 node said bye first (:attr:`Overlay.parting <swarm.mesh.overlay.Overlay.parting>`): then
 it *is* the answer, and both ends are PARTED.
-
-The next issues add an authentication state between AWAIT_HELLO and LINKED: a member
-of :class:`State` and an entry in ``PeerSession._handlers``.
 
 The session also learns whether the *peer* accepted this node: the peer's first message
 after its hello (the overlay always answers an accepted hello with an ``lsa``). Only
@@ -37,6 +42,7 @@ import enum
 from typing import Callable
 
 from swarm.logs import logger
+from swarm.mesh import auth
 from swarm.mesh.link import PeerLink
 from swarm.mesh.overlay import Overlay
 from swarm.mesh.peer_wire import (
@@ -44,15 +50,18 @@ from swarm.mesh.peer_wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REFUSED,
+    CLOSE_UNAUTHORIZED,
     bye,
     check_hello,
 )
+from swarm.mesh.peer_wire import auth as auth_message
 
 _log = logger(__name__)
 
 
 class State(enum.Enum):
     AWAIT_HELLO = "await_hello"
+    AWAIT_AUTH = "await_auth"
     LINKED = "linked"
     PARTED = "parted"
     CLOSING = "closing"
@@ -85,7 +94,11 @@ class PeerSession:
         address: str = "?",
         on_linked: Callable[[PeerLink], None] = _ignore,
         on_failed: Callable[[str], None] = _ignore,
+        on_trusted: Callable[[], None] = lambda: None,
+        nonce: Callable[[], bytes] = auth.new_nonce,
     ) -> None:
+        """``on_trusted`` hears when the peer's hello (and proof) are accepted: from
+        then on it may send large frames."""
         self.overlay = overlay
         self.address = address
         self.state = State.AWAIT_HELLO
@@ -97,10 +110,15 @@ class PeerSession:
         self._close = close
         self._on_linked = on_linked
         self._on_failed = on_failed
+        self._on_trusted = on_trusted
+        self._nonce = nonce()
+        #: The peer's hello, kept while its proof is awaited.
+        self._hello: dict | None = None
         #: Why this node closed the connection, when it did.
         self._refusal: str | None = None
         self._handlers: dict[State, Callable[[dict], None]] = {
             State.AWAIT_HELLO: self._await_hello,
+            State.AWAIT_AUTH: self._await_auth,
             State.LINKED: self._linked,
             State.PARTED: self._parted,
         }
@@ -118,7 +136,7 @@ class PeerSession:
 
     def start(self) -> None:
         """The connection is open: say who this node is."""
-        self._send([self.overlay.hello()])
+        self._send([self.overlay.hello(self._nonce)])
 
     def received(self, messages: list[dict]) -> None:
         """Messages from the peer, in order, already validated by peer_wire."""
@@ -163,11 +181,43 @@ class PeerSession:
         reason = check_hello(msg, overlay.node_id, overlay.swarm_name)
         if reason is not None:
             return self._refuse(CLOSE_REFUSED, reason)
+        secret = overlay.secret
+        if msg.get("auth", False) != (secret is not None):
+            return self._refuse(CLOSE_UNAUTHORIZED, (
+                "this node has a secret (--secret-file) and the peer none"
+                if secret is not None else
+                "the peer has a secret (--secret-file) and this node none"))
+        if secret is None:
+            return self._accept(msg)
+        if "nonce" not in msg:
+            return self._refuse(CLOSE_PROTOCOL_ERROR, "a hello with auth needs a nonce")
+        self._hello = msg
+        self.state = State.AWAIT_AUTH
+        self._send([auth_message(auth.proof(
+            secret, overlay.swarm_name, overlay.node_id, msg["node"], self._nonce,
+            msg["nonce"]))])
+
+    def _await_auth(self, msg: dict) -> None:
+        overlay, peer = self.overlay, self._hello
+        if msg["t"] != "auth":
+            return self._refuse(CLOSE_PROTOCOL_ERROR,
+                                f"a {msg['t']} before the peer's proof (auth)")
+        if not auth.verify(overlay.secret, overlay.swarm_name, peer["node"],
+                           overlay.node_id, peer["nonce"], self._nonce, msg["mac"]):
+            return self._refuse(CLOSE_UNAUTHORIZED, (
+                f"{peer['node']!r} did not prove it holds the swarm's secret (another "
+                "--secret-file, or a replayed handshake)"))
+        self._accept(peer)
+
+    def _accept(self, msg: dict) -> None:
+        """The peer's hello (and proof) are good: link, unless its id is taken."""
+        overlay = self.overlay
         reason = overlay.identity_conflict(msg["node"], msg["inc"])
         if reason is not None:
             return self._refuse(CLOSE_DUPLICATE_ID, reason)
         self.link = PeerLink(msg["node"], self._send_linked, overlay.clock)
         self.state = State.LINKED
+        self._on_trusted()
         overlay.link_up(self.link, msg["inc"])
 
     def _linked(self, msg: dict) -> None:
@@ -213,3 +263,8 @@ class PeerSession:
 
     def _peer(self) -> str:
         return f"{self.link.peer} at {self.address}" if self.link else self.address
+
+    @property
+    def handshaking(self) -> bool:
+        """Whether the peer is not yet trusted (its hello or proof still awaited)."""
+        return self.state in (State.AWAIT_HELLO, State.AWAIT_AUTH)
