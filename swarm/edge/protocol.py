@@ -1,16 +1,21 @@
-"""The client-facing WebSocket protocol: frames in, replies out.
+"""The client-facing WebSocket protocol: frames in, replies out, at the client's pace.
 
 :class:`FrameHandler` holds the logic (decode, validate, route, encode) with no I/O so it
-is tested without sockets; :class:`ClientProtocol` is the thin Autobahn adapter that feeds
-it frames and sends back whatever it answers, once the answer is ready.
+is tested without sockets; :class:`ClientSession` holds one connection's limits (requests
+in flight, a client that does not read, an idle client), also without I/O;
+:class:`ClientProtocol` is the thin Autobahn adapter that feeds them frames and carries
+out what they decide.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from swarm.cluster.router import QueryRouter
 from swarm.connections import ConnectionTracker
@@ -28,6 +33,20 @@ from swarm.protocol.wire import (
 
 _log = logger(__name__)
 
+#: WebSocket close codes the edge sends (RFC 6455, section 7.4.1).
+CLOSE_IDLE = 1000  # normal closure, reason "idle": the client sent nothing for too long
+CLOSE_NOT_READING = 1008  # policy violation: replies pile up for a client that does not read
+CLOSE_TOO_BIG = 1009  # message too big: as for a frame over --max-message-size
+
+
+class CloseConnection(Exception):
+    """A frame the node answers by closing the connection, with a WebSocket close code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
 
 class FrameHandler:
     """Turns one frame's payload into the payload of its reply."""
@@ -38,26 +57,62 @@ class FrameHandler:
 
     def handle(self, payload: bytes, is_binary: bool) -> bytes | Deferred:
         """The reply frame's payload, or a Deferred of it when a reply must wait."""
+        return self.process(payload, is_binary)[0]
+
+    def process(self, payload: bytes, is_binary: bool) -> tuple[bytes | Deferred, int]:
+        """Like :meth:`handle`, and how many requests the frame holds (what the
+        connection counts against ``max_in_flight``). Raises :class:`CloseConnection`
+        for a batch whose reply could not be sent at all."""
         try:
             decoded = decode_frame(payload, is_binary)
         except SwarmError as e:
-            return encode_frame(error_reply(None, e), is_binary)
+            return encode_frame(error_reply(None, e), is_binary), 1
         try:
             requests, is_batch = self.parser.split(decoded)
         except SwarmError as e:
-            # A batch over the limit: still one reply per request, in order.
-            return encode_frame([error_reply(request_id(o), e) for o in decoded], is_binary)
+            return self._refuse_batch(decoded, e, is_binary), len(decoded)
         replies = [self._handle_one(obj) for obj in requests]
         waiting = [(i, r) for i, r in enumerate(replies) if isinstance(r, Deferred)]
         if not waiting:
-            return self._encode(replies, is_batch, is_binary)
+            return self._encode(replies, is_batch, is_binary), len(requests)
 
         def fill(results: list) -> bytes:
             for (i, _), reply in zip(waiting, results):
                 replies[i] = reply
             return self._encode(replies, is_batch, is_binary)
 
-        return gatherResults([d for _, d in waiting]).addCallback(fill)
+        return gatherResults([d for _, d in waiting]).addCallback(fill), len(requests)
+
+    def _refuse_batch(self, batch: list, error: SwarmError, is_binary: bool) -> bytes:
+        """A batch over ``max_batch``: the contract's reply, one error per request in
+        order, encoded from one template so that each request costs its bytes in the
+        reply and no dict (a 4 MB frame can hold 4 million one-byte requests).
+
+        A batch whose reply would pass ``max_reply_bytes`` cannot be answered that
+        way, so the connection is closed with 1009, as for a frame too big to read.
+        """
+        marker = "\x00id\x00"
+        head, _, tail = encode_frame(error_reply(marker, error), is_binary).partition(
+            encode_frame(marker, is_binary)
+        )
+        null = encode_frame(None, is_binary)
+        budget = self.parser.limits.max_reply_bytes
+        refusal = CloseConnection(CLOSE_TOO_BIG, f"{error.message}; this one holds {len(batch)}")
+        if len(batch) * (len(head) + len(null) + len(tail)) > budget:
+            raise refusal  # before a byte of it is built
+        out = bytearray(_cbor_array_head(len(batch)) if is_binary else b"[")
+        for i, obj in enumerate(batch):
+            if i and not is_binary:
+                out += b","
+            rid = request_id(obj)
+            out += head
+            out += null if rid is None else encode_frame(rid, is_binary)
+            out += tail
+            if len(out) > budget:
+                raise refusal
+        if not is_binary:
+            out += b"]"
+        return bytes(out)
 
     def _within_budget(self, replies: list) -> None:
         """Replace the replies that would take the frame past max_reply_bytes."""
@@ -90,31 +145,241 @@ class FrameHandler:
             return encode_frame(failed if is_batch else failed[0], is_binary)
 
 
+def _cbor_array_head(length: int) -> bytes:
+    """The head of a definite-length CBOR array (major type 4) of ``length`` items."""
+    if length < 24:
+        return bytes([0x80 + length])
+    for extra, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if length < 1 << (8 * width):
+            return bytes([0x80 + extra]) + length.to_bytes(width, "big")
+    raise ValueError("array too long for CBOR")
+
+
+class Connection(Protocol):
+    """What a :class:`ClientSession` needs of its connection."""
+
+    peer: str
+
+    def send_reply(self, payload: bytes, is_binary: bool) -> None: ...
+
+    def stop_reading(self) -> None: ...
+
+    def start_reading(self) -> None: ...
+
+    def close_with(self, code: int, reason: str) -> None: ...
+
+
+@implementer(IPushProducer)
+class ClientSession:
+    """One client connection's limits: what it may have in flight, and when to give up.
+
+    - At most ``max_in_flight`` requests are worked on at once (a batch counts its
+      items, and is admitted whole while the count is below the limit). Frames past
+      that wait here, and the connection is not read until replies drain, so a
+      client's requests cost the node memory only in proportion to the limit.
+    - The session is the transport's streaming producer: Twisted pauses it when the
+      write buffer is full (the client is not reading fast enough) and resumes it
+      once the buffer is empty. While paused no new frame is handled. Replies already
+      being worked on still go out; when more than ``backlog_cap`` bytes of them pile
+      up behind the full buffer the connection is closed with 1008.
+    - A connection from which no frame arrived, to which no reply went out and whose
+      buffer did not drain for ``idle_timeout`` seconds, with no request being worked
+      on, is closed with 1000, reason "idle". Pings and pongs do not count: the
+      protocol has no subscriptions, so a client that sends nothing needs nothing.
+      Frames waiting because the client does not read do not count as being worked
+      on: a client stuck that way is idle.
+    """
+
+    def __init__(
+        self, connection: Connection, frames: FrameHandler, config: NodeConfig, clock: Any
+    ) -> None:
+        self.connection = connection
+        self.frames = frames
+        self.clock = clock
+        self.max_in_flight = config.max_in_flight
+        self.idle_timeout = config.idle_timeout
+        #: Bytes that may wait behind a full write buffer: one reply at the limit.
+        self.backlog_cap = config.limits.max_reply_bytes
+        self.in_flight = 0  # requests handed to the router and not answered yet
+        self.handled = 0  # requests handled since the connection opened
+        self.queue: deque[tuple[bytes, bool]] = deque()  # frames read, not handled yet
+        self.write_full = False  # the transport paused us: its write buffer is full
+        self.backlog = 0  # reply bytes written while the buffer was full
+        self.reading = True
+        self.closed = False
+        self._pumping = False
+        self._last_active = clock.seconds()
+        self._idle_call: Any = None
+        if self.idle_timeout > 0:
+            self._idle_call = clock.callLater(self.idle_timeout, self._check_idle)
+
+    # -- what the connection reports ---------------------------------------------------
+
+    def received(self, payload: bytes, is_binary: bool) -> None:
+        """A frame from the client."""
+        if self.closed:
+            return
+        self._last_active = self.clock.seconds()
+        self.queue.append((payload, is_binary))
+        self._pump()
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full."""
+        if not self.write_full:
+            self.write_full, self.backlog = True, 0
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer has drained."""
+        self.write_full, self.backlog = False, 0
+        self._last_active = self.clock.seconds()
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; :meth:`connection_lost` follows."""
+
+    def connection_lost(self) -> None:
+        self._shut()
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Handle waiting frames while the limits allow, and read only while none wait."""
+        if self._pumping:
+            return  # a reply that fired at once, inside the loop below
+        self._pumping = True
+        try:
+            while (self.queue and not self.closed and not self.write_full
+                   and self.in_flight < self.max_in_flight):
+                self._work(*self.queue.popleft())
+        finally:
+            self._pumping = False
+        if self.closed:
+            return
+        if self.queue and self.reading:
+            self.reading = False
+            self.connection.stop_reading()
+        elif not self.queue and not self.reading:
+            self.reading = True
+            self.connection.start_reading()
+
+    def _work(self, payload: bytes, is_binary: bool) -> None:
+        try:
+            reply, count = self.frames.process(payload, is_binary)
+        except CloseConnection as e:
+            _log.warn("closing client {peer} ({code}): {reason}",
+                      peer=self.connection.peer, code=e.code, reason=e.reason)
+            self.close(e.code, e.reason)
+            return
+        self.handled += count
+        if not isinstance(reply, Deferred):
+            self._send(reply, is_binary)
+            return
+        self.in_flight += count
+        reply.addCallback(self._send, is_binary)
+        reply.addErrback(
+            lambda f: _log.failure("reply lost for {peer}", f, peer=self.connection.peer)
+        )
+        reply.addBoth(self._answered, count)
+
+    def _answered(self, _: Any, count: int) -> None:
+        self.in_flight -= count
+        self._pump()
+
+    def _send(self, payload: bytes, is_binary: bool) -> None:
+        if self.closed:
+            return  # the client went while its reply was on the way
+        behind = self.write_full  # the reply that fills the buffer is not a backlog
+        self.connection.send_reply(payload, is_binary)
+        self._last_active = self.clock.seconds()
+        if behind:
+            self.backlog += len(payload)
+            if self.backlog > self.backlog_cap:
+                reason = (f"not reading replies: {self.backlog} bytes wait behind a full "
+                          f"buffer (at most {self.backlog_cap})")
+                _log.warn("closing client {peer} ({code}): {reason}",
+                          peer=self.connection.peer, code=CLOSE_NOT_READING, reason=reason)
+                self.close(CLOSE_NOT_READING, reason)
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self.closed:
+            return
+        quiet = self.clock.seconds() - self._last_active
+        if self.in_flight == 0 and quiet >= self.idle_timeout:
+            _log.info("closing client {peer}: idle for {seconds:.1f} s",
+                      peer=self.connection.peer, seconds=quiet)
+            self.close(CLOSE_IDLE, "idle")
+            return
+        left = self.idle_timeout - quiet
+        self._idle_call = self.clock.callLater(
+            left if left > 0 else self.idle_timeout, self._check_idle
+        )
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection; frames not handled yet are dropped unanswered."""
+        if self.closed:
+            return
+        self._shut()
+        self.connection.close_with(code, reason)
+        if not self.reading:  # so the client's answer to the close can be read
+            self.reading = True
+            self.connection.start_reading()
+
+    def _shut(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+
 class ClientProtocol(WebSocketServerProtocol):
     """One client connection. Replies go out as they are ready (pipelining)."""
 
     factory: "ClientFactory"
+    session: ClientSession | None = None
 
     def onOpen(self) -> None:
-        self.factory.opened(self)
+        factory = self.factory
+        self.session = ClientSession(self, factory.frames, factory.config, factory.clock)
+        # The session learns when the write buffer fills and drains by being the
+        # transport's producer. Twisted Web registered its HTTP channel there, which
+        # has nothing more to produce once the connection is a WebSocket.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self.session, True)
+        factory.opened(self)
         _log.debug("client {peer} connected", peer=self.peer)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        reply = self.factory.frames.handle(payload, isBinary)
-        if isinstance(reply, Deferred):
-            reply.addCallback(self._send, isBinary)
-            reply.addErrback(
-                lambda f: _log.failure("reply lost for {peer}", f, peer=self.peer)
-            )
-        else:
-            self._send(reply, isBinary)
+        if self.session is not None:
+            self.session.received(payload, isBinary)
 
-    def _send(self, payload: bytes, is_binary: bool) -> None:
-        # The client may have gone while its reply was on the way; drop it then.
-        if self.state == self.STATE_OPEN:
+    def send_reply(self, payload: bytes, is_binary: bool) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        if 0 < self.maxMessagePayloadSize < len(payload):
+            # sendMessage holds outgoing messages to the incoming limit too; the
+            # streaming API does not (and writes the payload without copying it).
+            # What bounds a reply is max_reply_bytes (FrameHandler).
+            self.beginMessage(isBinary=is_binary)
+            self.sendMessageFrame(payload)
+            self.endMessage()
+        else:
             self.sendMessage(payload, is_binary)
 
+    def stop_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def start_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def close_with(self, code: int, reason: str) -> None:
+        # sendCloseFrame: Autobahn's sendClose allows only 1000 and 3000-4999.
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.session is not None:
+            self.session.connection_lost()
         self.factory.closed(self)
         _log.debug(
             "client {peer} disconnected ({code})", peer=self.peer, code=code
