@@ -4,6 +4,10 @@
 plain ``GET /health`` answers a small JSON document: 200 while serving, 503 otherwise
 (``"status": "stopping"``, or ``"conflict"`` with a ``reason`` while the swarm refuses
 the node's id because another live node has it).
+
+Every connection, whatever its path, counts against ``max_connections`` and must send a
+whole request within ``handshake_timeout``; ``/`` also checks client tokens and browser
+origins (:mod:`swarm.edge.admission`). ``/peer`` and ``/health`` take no token.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from typing import Any, Callable
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
+from swarm.edge.admission import Admission, AdmittingSite, GuardedResource
 from swarm.node.config import NodeConfig
 
 
@@ -40,15 +44,20 @@ def build_site(
     health: Callable[[], tuple[bool, dict]],
     config: NodeConfig,
     clock: Any,
-) -> Site:
-    """The node's Site: clients, peers or both (a ``--peer-port`` splits them)."""
+) -> "NodeSite":
+    """The node's Site: clients, peers or both (a ``--peer-port`` splits them).
+
+    Raises ValueError when the client token file cannot be read or holds no token.
+    """
     root = _Root()
+    # A peer-only site has no clients to admit.
+    admission = Admission.from_config(config) if client_factory is not None else Admission()
     if client_factory is not None:
-        root.putChild(b"", WebSocketResource(client_factory))
+        root.putChild(b"", GuardedResource(WebSocketResource(client_factory), admission))
     if peer_resource is not None:
-        root.putChild(b"peer", peer_resource)
+        root.putChild(b"peer", GuardedResource(peer_resource))  # peers: no token, no Origin
     root.putChild(b"health", HealthResource(health))
-    return NodeSite(root)
+    return NodeSite(root, admission, config, clock)
 
 
 class _Root(Resource):
@@ -56,10 +65,19 @@ class _Root(Resource):
         return notFound()
 
 
-class NodeSite(Site):
-    """No access log: load balancers probe /health every few seconds."""
+class NodeSite(AdmittingSite):
+    """No access log: load balancers probe /health every few seconds.
+
+    ``admission.reload()`` rereads the client token file (SIGHUP).
+    """
 
     noisy = False
+
+    def __init__(self, root: Resource, admission: Admission, config: NodeConfig,
+                 clock: Any) -> None:
+        super().__init__(root, max_connections=config.max_connections,
+                         handshake_timeout=config.handshake_timeout, clock=clock)
+        self.admission = admission
 
     def log(self, request) -> None:
         pass
