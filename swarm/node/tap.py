@@ -162,7 +162,8 @@ class Options(usage.Options):
          "Seconds a connection may take to complete its HTTP request or WebSocket "
          "handshake.", _timeout_seconds],
         ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT,
-         "Seconds a client connection may send nothing before it is closed (0: never).",
+         "Seconds a client connection may stay quiet (no frame from it, no reply to it, "
+         "nothing being worked on) before it is closed with status 1000 'idle' (0: never).",
          _seconds],
         ["max-in-flight", None, DEFAULT_MAX_IN_FLIGHT,
          "Requests of one client connection worked on at once; past it the node reads "
