@@ -303,6 +303,7 @@ def test_a_listen_that_fails_after_twistd_started_ends_it_with_status_1_and_one_
         ("--secret-file", "/nonexistent/secret"),
         ("--peer-ca", "/nonexistent/ca.pem"),
         ("--client-token-file", "/nonexistent/tokens"),
+        ("--client-token-file", "/dev/null"),  # no token in it
         ("--max-connections", "0"),
         ("--handshake-timeout", "0"),
         ("--idle-timeout", "-1"),

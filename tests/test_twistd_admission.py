@@ -68,7 +68,6 @@ def test_empty_token_file_stops_the_start_with_a_clear_error(tmp_path):
         t.kill()
 
 
-@pytest.mark.xfail(reason="SIGHUP is not wired to site.admission.reload() yet", strict=False)
 @pytest_twisted.ensureDeferred
 async def test_sighup_rereads_the_token_file(tmp_path):
     tokens = tmp_path / "tokens"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import signal
 import sys
 
 from twisted.internet.endpoints import serverFromString
@@ -99,6 +100,17 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
+def _token_file(path: str) -> str:
+    """A client token file that holds at least one token (read again by the node)."""
+    from swarm.edge.admission import TokenFile
+
+    try:
+        TokenFile(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--client-token-file: {e}") from None
+    return path
+
+
 def _readable_file(option: str):
     def coerce(path: str) -> str:
         if not os.access(path, os.R_OK) or os.path.isdir(path):
@@ -152,15 +164,16 @@ class Options(usage.Options):
          "PEM file of CA certificates that wss:// peers are verified against "
          "(default: the system's trust store).", _readable_file("peer-ca")],
         ["client-token-file", None, None,
-         "File of client tokens, one a line, reread on SIGHUP; clients then present one "
-         "(Authorization: Bearer, or ?token=) or are refused.",
-         _readable_file("client-token-file")],
+         "File of client tokens, one a line (blank lines and # comments ignored), reread "
+         "on SIGHUP; clients then present one (Authorization: Bearer, or ?token=) or are "
+         "refused.",
+         _token_file],
         ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
          "TCP connections held at once on each listening endpoint (clients, peers and "
          "/health); past it new ones are closed at once.", _positive_int],
         ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
          "Seconds a connection may take to complete its HTTP request or WebSocket "
-         "handshake.", _timeout_seconds],
+         "handshake, and may idle between HTTP requests.", _timeout_seconds],
         ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT,
          "Seconds a client connection may stay quiet (no frame from it, no reply to it, "
          "nothing being worked on) before it is closed with status 1000 'idle' (0: never).",
@@ -181,7 +194,7 @@ class Options(usage.Options):
         self["peer-secret"] = read_secret(path)
 
     def opt_allowed_origin(self, origin: str) -> None:
-        """Browser Origin allowed without a token (https://app.example, *); repeatable."""
+        """Browser Origin allowed without a token (https://app.example, *; never null)."""
         self["allowed-origin"].append(origin.rstrip("/"))
 
     def opt_peer(self, url: str) -> None:
@@ -255,6 +268,14 @@ class _TwistdNode(SwarmNode):
     def startService(self) -> None:
         super().startService()
         self.when_listening().addErrback(self._failed_late)
+        # twistd leaves SIGHUP to its default (end the process): reread tokens instead
+        signal.signal(signal.SIGHUP,
+                      lambda *_: self.reactor.callFromThread(self.reload_tokens))
+
+    def reload_tokens(self) -> None:
+        """Read ``--client-token-file`` again (SIGHUP); a bad file keeps the old tokens."""
+        for listener in {self._listener, self._peer_listener}:
+            listener.site.admission.reload()
 
     def _failed_late(self, failure: Failure) -> None:
         """An endpoint failed once the reactor ran (the node logged why): stop, and end
