@@ -31,7 +31,7 @@ from swarm.correlate import Correlator
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.logs import logger
 from swarm.protocol.api import CacheOps
-from swarm.protocol.urls import ws_client_endpoint
+from swarm.protocol.urls import client_endpoint
 from swarm.protocol.wire import decode_frame, encode_frame
 
 _log = logger(__name__)
@@ -236,12 +236,15 @@ class SwarmClient(CacheOps):
         encoding: str = "cbor",
         timeout: float | None = 10.0,
         connect_timeout: float = 10.0,
+        ca: str | None = None,
     ) -> Deferred[SwarmClient]:
         """Open a WebSocket to the node at ``url`` (``ws://host:port`` or ``wss://``).
 
         Fires when the WebSocket is open; fails with :class:`~swarm.errors.Unavailable`
         when the node cannot be reached or refuses the handshake within
-        ``connect_timeout`` seconds. ``timeout`` bounds each later request.
+        ``connect_timeout`` seconds. ``timeout`` bounds each later request. A
+        ``wss://`` node's certificate must be signed by a CA of the PEM file ``ca``
+        (default: the system's trust store) and name the URL's host.
         """
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -250,12 +253,10 @@ class SwarmClient(CacheOps):
         if encoding not in ENCODINGS:
             return fail(ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}"))
         try:
-            description = ws_client_endpoint(url, connect_timeout)
+            endpoint = client_endpoint(reactor, url, connect_timeout, ca)
             factory = _ClientFactory(url=url, reactor=reactor)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             return fail(Unavailable(f"cannot connect to {url}: {e}"))
-        from twisted.internet.endpoints import clientFromString
-
         factory.encoding = encoding
         factory.request_timeout = timeout
         factory.setProtocolOptions(
@@ -267,7 +268,7 @@ class SwarmClient(CacheOps):
         )
         opened: Deferred[SwarmClient] = Deferred(lambda _: abort())
         factory.opened = opened
-        connecting = clientFromString(reactor, description).connect(factory)
+        connecting = endpoint.connect(factory)
 
         def abort() -> None:
             if not connecting.called:

@@ -7,6 +7,10 @@ failures and resets only once a link is really up (the peer accepted this node's
 with exponential backoff and jitter so a swarm restarting at once does not redial in
 lockstep. A node refused because its id is still live in the swarm (a restart before its
 old links were noticed dead) keeps trying on that backoff, and rejoins once they are.
+
+A ``wss://`` peer's certificate is verified against ``--peer-ca`` (or the system's trust
+store) and must name the URL's host; a failed check counts as a failed handshake, and
+the retry line says what TLS refused rather than Autobahn's "closed uncleanly".
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ import random
 from urllib.parse import urlsplit
 
 from twisted.application.internet import ClientService
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.overlay import Overlay
-from swarm.mesh.protocol import PeerClientFactory
-from swarm.protocol.urls import ws_client_endpoint
+from swarm.mesh.protocol import PeerClientFactory, PeerClientProtocol
+from swarm.protocol.urls import client_endpoint, ws_client_endpoint
 
 _log = logger(__name__)
 
@@ -32,7 +37,8 @@ CONNECT_TIMEOUT = 5
 
 
 def peer_endpoint_description(url: str) -> tuple[str, str]:
-    """(Twisted client endpoint description, WebSocket URL at /peer) for ``url``."""
+    """(Twisted client endpoint description, WebSocket URL at /peer) for ``url``; the
+    description of a ``wss://`` URL trusts the system's store only (see Upstream)."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"a peer URL looks like ws://host:port, not {url!r}")
@@ -41,6 +47,44 @@ def peer_endpoint_description(url: str) -> tuple[str, str]:
     netloc = f"[{host}]" if ":" in host else host
     peer_url = f"{parts.scheme}://{netloc}:{port}/peer"
     return ws_client_endpoint(peer_url, CONNECT_TIMEOUT), peer_url
+
+
+def tls_failure(reason: Failure, host: str, trust: str) -> str | None:
+    """Why TLS refused a connection to ``host``, for the log, or None when ``reason`` is
+    no TLS failure; ``trust`` names what the certificate was checked against."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if reason.check(VerificationError):
+        mismatches = ", ".join(type(e).__name__ for e in reason.value.errors)
+        return f"TLS: the peer's certificate is not for {host} ({mismatches})"
+    if not reason.check(SSL.Error):
+        return None
+    errors = reason.value.args[0] if reason.value.args else []
+    text = "; ".join(e[2] for e in errors if isinstance(e, tuple) and len(e) == 3) or str(
+        reason.value)
+    if "certificate verify failed" in text:
+        text += f" (the peer's certificate is not signed by a CA in {trust})"
+    return f"TLS handshake failed: {text}"
+
+
+class _DialledPeerProtocol(PeerClientProtocol):
+    """Says what TLS refused in the reason the session gets for a lost connection."""
+
+    _tls_failure: str | None = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._tls_failure = tls_failure(reason, self.factory.host, self.factory.trust)
+        super().connectionLost(reason)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        super().onClose(wasClean, code, self._tls_failure or reason)
+
+
+class _DialFactory(PeerClientFactory):
+    protocol = _DialledPeerProtocol
+    #: What a wss:// peer's certificate is checked against, said in failures.
+    trust = "the system's trust store"
 
 
 class RetryPolicy:
@@ -80,22 +124,25 @@ class _PeerEndpoint:
 
 
 class Upstream(ClientService):
-    """Keeps a link to one configured peer URL."""
+    """Keeps a link to one configured peer URL; a ``wss://`` peer's certificate is
+    checked against the PEM file ``ca_file`` (None: the system's trust store)."""
 
     def __init__(self, url: str, overlay: Overlay, reactor, ping_interval: float,
-                 ping_timeout: float) -> None:
-        description, ws_url = peer_endpoint_description(url)
+                 ping_timeout: float, ca_file: str | None = None) -> None:
+        _description, ws_url = peer_endpoint_description(url)
         self.url = url
         self.policy = RetryPolicy()
         self.peer_id: str | None = None
-        factory = PeerClientFactory(
+        factory = _DialFactory(
             ws_url, overlay, ping_interval, ping_timeout,
             on_linked=self._linked, on_handshake_failed=self._handshake_failed,
         )
+        if ca_file is not None:
+            factory.trust = ca_file
         self.factory = factory
+        endpoint = client_endpoint(reactor, ws_url, CONNECT_TIMEOUT, ca_file)
         super().__init__(
-            _PeerEndpoint(clientFromString(reactor, description), ws_url), factory,
-            retryPolicy=self.policy, clock=reactor,
+            _PeerEndpoint(endpoint, ws_url), factory, retryPolicy=self.policy, clock=reactor,
         )
 
     def _linked(self, link: PeerLink) -> None:

@@ -216,8 +216,10 @@ class SwarmNode(MultiService, CacheOps):
         self._stopping = False
 
     def add_peer(self, url: str) -> Upstream:
-        """Keep a link to the node at ``url`` (ws://host:port), from now on."""
-        upstream = Upstream(url, self.overlay, self.reactor, *self._ping)
+        """Keep a link to the node at ``url`` (ws://host:port, or wss:// checked against
+        ``peer_ca``), from now on."""
+        upstream = Upstream(url, self.overlay, self.reactor, *self._ping,
+                            ca_file=self.config.peer_ca)
         self.upstreams.append(upstream)
         self._listener.factories.append(upstream.factory)
         upstream.setServiceParent(self)
