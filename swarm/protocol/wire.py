@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -63,15 +64,210 @@ def _reject_constant(name: str) -> Any:
 EXPANSION_FACTOR = 16
 EXPANSION_SLACK = 64 * 1024
 
+#: What decoding a frame may allocate, estimated by :func:`scan_cbor` before cbor2 runs:
+#: at most DECODE_FACTOR times the frame's bytes plus DECODE_SLACK. Python objects cost
+#: far more than their CBOR (an empty array is 1 byte and 64 in memory, a one-entry map
+#: 4 bytes and 184), so without it a 4 MiB frame of empty arrays decodes to 560 MiB.
+#: Honest frames stay below: a batch of small requests is about 20 times its bytes.
+DECODE_FACTOR = 32
+DECODE_SLACK = 1024 * 1024
+#: The deepest nesting of arrays, maps and tags a frame may have (values: 32 levels,
+#: see :class:`Limits`; the rest is room for batches, requests and peer messages).
+MAX_FRAME_DEPTH = 128
+#: Frames shorter than this skip the scan: they cannot decode to more than about
+#: 72 times their size (an empty array per byte), which is DECODE_SLACK at most.
+SCAN_FROM = 16 * 1024
+
+#: The tags a frame may use as CBOR structure (string references 25/256, shared values
+#: 28/29, self-described CBOR 55799); checked by :func:`weigh` after decoding.
+STRUCTURAL_TAGS = frozenset({25, 28, 29, 256, 55799})
+#: Tags that need all of a frame's bytes searched before cbor2 runs (references).
+_REFERENCE_HEADS = tuple(
+    head + tag.to_bytes(width, "big")
+    for tag in (25, 29)
+    for head, width in ((b"\xd8", 1), (b"\xd9", 2), (b"\xda", 4), (b"\xdb", 8))
+)
+
+
+class Unsupported:
+    """What a CBOR tag outside STRUCTURAL_TAGS decodes to: no Python object of the
+    tag's meaning (datetime, Decimal, regex, set, a bignum from 1 MB of bytes...) is
+    ever built, so a tag costs nothing to decode, and :func:`check_value` and every
+    argument check refuse it, with the request's own id."""
+
+    __slots__ = ("tag", "reason")
+
+    def __init__(self, tag: int, reason: str = "") -> None:
+        self.tag = tag
+        self.reason = reason or f"values may not hold CBOR tag {tag} (only plain data)"
+
+    def __repr__(self) -> str:
+        return f"Unsupported({self.tag})"
+
+
+#: The longest bignum (tags 2/3) converted to an int: ids may be any integer, values
+#: 64-bit ones (see :func:`check_value`); a longer one decodes to Unsupported, so a
+#: frame repeating a big byte string by reference never builds big ints from it.
+MAX_BIGNUM_BYTES = 64
+
+
+def _bignum(tag: int) -> Callable[..., Any]:
+    """Tag 2/3 (bignum): an int of at most MAX_BIGNUM_BYTES, else Unsupported."""
+
+    def decode(content: Any, immutable: bool = False) -> Any:
+        if isinstance(content, bytes) and len(content) <= MAX_BIGNUM_BYTES:
+            n = int.from_bytes(content, "big")
+            return n if tag == 2 else -1 - n
+        return Unsupported(tag, f"integers in a CBOR frame may have at most {MAX_BIGNUM_BYTES} bytes")
+
+    return decode
+
+
+def _refuse(tag: int) -> Callable[..., Any]:
+    return lambda content, immutable=False: Unsupported(tag)
+
+
+#: Every tag cbor2 would turn into a Python object of its own (checked against cbor2 6:
+#: dates, bignums, decimals, bigfloats, rationals, regexps, MIME, UUIDs, IP addresses,
+#: sets...), overridden; tags cbor2 does not know go to :func:`_unknown_tag`.
+_SEMANTIC_DECODERS: dict[int, Callable[..., Any]] = {
+    tag: _refuse(tag)
+    for tag in (0, 1, 4, 5, 30, 35, 36, 37, 52, 54, 100, 258, 260, 261, 1004, 43000)
+}
+_SEMANTIC_DECODERS.update({2: _bignum(2), 3: _bignum(3)})
+
+
+def _unknown_tag(tag: cbor2.CBORTag, immutable: bool = False) -> Unsupported:
+    return Unsupported(tag.tag)
+
 
 def decode_cbor(payload: bytes) -> Any:
-    """One CBOR item and nothing after it, within the expansion budget."""
+    """One CBOR item and nothing after it, within the decoding and expansion budgets.
+
+    Frames of SCAN_FROM bytes or more are scanned first (:func:`scan_cbor`); every
+    frame decodes with tags turned into :class:`Unsupported`. The walk that refuses
+    shared containers and expansion runs only when the frame may hold a reference.
+    """
+    references = True
+    if len(payload) >= SCAN_FROM:
+        references = scan_cbor(payload, DECODE_FACTOR * len(payload) + DECODE_SLACK)
+    elif not any(head in payload for head in _REFERENCE_HEADS):
+        references = False
     stream = io.BytesIO(payload)
-    obj = cbor2.CBORDecoder(stream).decode()
+    obj = cbor2.CBORDecoder(
+        stream,
+        semantic_decoders=_SEMANTIC_DECODERS,
+        tag_hook=_unknown_tag,
+        max_depth=MAX_FRAME_DEPTH,
+    ).decode()
     if stream.tell() != len(payload):
         raise BadRequest("frame holds bytes after its CBOR item")
-    check_expansion(obj, EXPANSION_FACTOR * len(payload) + EXPANSION_SLACK)
+    if references:
+        check_expansion(obj, EXPANSION_FACTOR * len(payload) + EXPANSION_SLACK)
     return obj
+
+
+#: The estimated cost in memory of each decoded item, by CBOR major type (see
+#: :func:`scan_cbor`): a slot in its container plus the object (small ints are shared).
+_ITEM_COST = 8
+_LIST_COST = 56
+_MAP_COST = 64  # empty; with entries, 112 + 24 each (a hash table a third empty)
+_MAP_ENTRY_COST = 24
+_STRING_COST = 50  # strings of 0 or 1 byte are shared singletons
+_NUMBER_COST = 32
+_TAG_COST = 48
+
+
+def scan_cbor(data: bytes, budget: int) -> bool:
+    """Walk the CBOR heads of ``data`` without building anything; return whether it
+    uses string or shared references (tags 25/29).
+
+    Raises :class:`BadRequest` for a truncated or malformed item, a length longer
+    than the bytes left, nesting past MAX_FRAME_DEPTH, trailing bytes; and
+    :class:`TooLarge` when what cbor2 would allocate passes ``budget`` (estimated per
+    item, as Python objects cost). Iterative, O(items), and it stops at the first
+    fault, so its cost is bounded by the frame's size whatever the frame holds.
+    """
+    n = len(data)
+    pos = 0
+    references = False
+    cost = 0
+    # items left to read in each open container; -1: indefinite (ends with a break)
+    left = [1]
+    while left:
+        if pos >= n:
+            raise BadRequest("frame is not valid CBOR: it ends inside an item")
+        head = data[pos]
+        pos += 1
+        major = head >> 5
+        info = head & 31
+        if info < 24:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            if pos + width > n:
+                raise BadRequest("frame is not valid CBOR: it ends inside an item")
+            arg = int.from_bytes(data[pos:pos + width], "big")
+            pos += width
+        elif info == 31 and major in (2, 3, 4, 5, 7):
+            arg = -1
+        else:
+            raise BadRequest(f"frame is not valid CBOR: reserved head byte 0x{head:02x}")
+        if major == 7 and arg == -1:  # break
+            if left[-1] != -1:
+                raise BadRequest("frame is not valid CBOR: a break outside an indefinite item")
+            left.pop()
+        else:
+            if left[-1] > 0:
+                left[-1] -= 1
+            elif left[-1] == -2:
+                left[-1] = 0
+            if major == 6:  # a tag: its content is one item, one level deeper
+                if arg in (25, 29):
+                    references = True
+                elif arg not in STRUCTURAL_TAGS:
+                    cost += _TAG_COST  # an Unsupported in place of the content
+                if len(left) >= MAX_FRAME_DEPTH:
+                    raise BadRequest("frame is nested too deeply")
+                left.append(-2)
+                continue
+            if major <= 1:
+                cost += _ITEM_COST + (_NUMBER_COST if arg > 256 else 0)
+            elif major <= 3:
+                if arg == -1:  # chunks of definite strings follow, until a break
+                    left.append(-1)
+                    cost += _ITEM_COST + _STRING_COST
+                else:
+                    if arg > n - pos:
+                        raise BadRequest("frame is not valid CBOR: a string longer than the frame")
+                    pos += arg
+                    cost += _ITEM_COST + (_STRING_COST + arg if arg > 1 else 0)
+            elif major <= 5:
+                if arg == -1:
+                    cost += _ITEM_COST + (_LIST_COST if major == 4 else _MAP_COST)
+                    left.append(-1)
+                else:
+                    if arg > (n - pos) >> (major - 4):
+                        raise BadRequest("frame is not valid CBOR: a container longer than the frame")
+                    cost += _ITEM_COST + (
+                        _LIST_COST + 8 * arg if major == 4
+                        else _MAP_COST + (48 + _MAP_ENTRY_COST * arg if arg else 0)
+                    )
+                    if arg:
+                        left.append(arg if major == 4 else 2 * arg)
+                if len(left) > MAX_FRAME_DEPTH:
+                    raise BadRequest("frame is nested too deeply")
+            else:
+                cost += _ITEM_COST + (_NUMBER_COST if info >= 25 else 0)
+            if cost > budget:
+                raise TooLarge(
+                    f"frame would decode to more than {budget} bytes of memory"
+                )
+        while left and left[-1] == 0:
+            left.pop()
+    if pos != n:
+        raise BadRequest("frame holds bytes after its CBOR item")
+    return references
 
 
 def check_expansion(obj: Any, budget: int) -> None:
@@ -129,6 +325,14 @@ def decode_frame(payload: bytes, is_binary: bool) -> Any:
         raise BadRequest("text frame is not valid UTF-8") from None
     except RecursionError:
         raise BadRequest("frame is nested too deeply") from None
+    except ValueError as e:
+        if not is_binary and "digits" in str(e):  # Python's int-conversion limit
+            raise BadRequest(
+                "frame is not valid JSON: a number with more than "
+                f"{sys.get_int_max_str_digits()} digits"
+            ) from None
+        kind = "CBOR" if is_binary else "JSON"
+        raise BadRequest(f"frame is not valid {kind}: {e}") from None
     except Exception as e:
         kind = "CBOR" if is_binary else "JSON"
         raise BadRequest(f"frame is not valid {kind}: {e}") from None
@@ -225,6 +429,8 @@ def check_value(value: Any, max_depth: int) -> None:
                 raise BadRequest("values may not hold NaN or infinity")
         elif isinstance(item, bytes):
             continue
+        elif isinstance(item, Unsupported):
+            raise BadRequest(item.reason)
         elif isinstance(item, (list, dict)):
             if depth > max_depth:
                 raise BadRequest(f"value is nested deeper than {max_depth} levels")
