@@ -139,3 +139,34 @@ async def test_twistd_nodes_link_with_a_secret_file_and_refuse_another(tmp_path)
 
         await until(refused, what="s1 to refuse s3")
         await swarm.until_views({"s1": {"s1", "s2"}, "s3": {"s3"}}, "s3 kept out", 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_peer_links_are_said_at_start_and_loudly_off_loopback():
+    from twisted.internet.address import IPv4Address
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    class Port:
+        def __init__(self, host: str) -> None:
+            self.host = host
+
+        def getHost(self):
+            return IPv4Address("TCP", self.host, 8765)
+
+    open_node = await start_node(node_id="open")
+    closed_node = await start_node(node_id="closed", peer_secret=SECRET)
+    try:
+        said = {}
+        for node, host in ((open_node, "127.0.0.1"), (open_node, "10.1.2.3"),
+                           (closed_node, "10.1.2.3")):
+            with capturedLogs() as events:
+                node._say_who_may_link(Port(host))
+            said[node.node_id, host] = [(e["log_level"], formatEvent(e)) for e in events]
+        [(level, text)] = said["open", "127.0.0.1"]
+        assert level == LogLevel.info and "not authenticated" in text
+        [(level, text)] = said["open", "10.1.2.3"]
+        assert level == LogLevel.warn and "OPEN TO ANYONE WHO CAN REACH 10.1.2.3" in text
+        [(level, text)] = said["closed", "10.1.2.3"]
+        assert level == LogLevel.info and "need the swarm's secret" in text
+    finally:
+        await stop_all([open_node, closed_node])

@@ -62,7 +62,8 @@ async def start_dialler(url: str, **options) -> SwarmNode:
 
 
 def wss(node: SwarmNode, host: str = "127.0.0.1") -> str:
-    """The wss:// URL of a node listening on ssl: (its ``url`` says ws://)."""
+    """The wss:// URL of a node listening on ssl:, at ``host``."""
+    assert node.url.startswith("wss://127.0.0.1:")  # a TLS listener says so
     return f"wss://{host}:{node._listener.port.getHost().port}"
 
 

@@ -302,6 +302,7 @@ def test_a_listen_that_fails_after_twistd_started_ends_it_with_status_1_and_one_
         ("--port", "99999"),
         ("--secret-file", "/nonexistent/secret"),
         ("--peer-ca", "/nonexistent/ca.pem"),
+        ("--peer-ca", "/dev/null"),  # no certificate in it
         ("--client-token-file", "/nonexistent/tokens"),
         ("--client-token-file", "/dev/null"),  # no token in it
         ("--max-connections", "0"),

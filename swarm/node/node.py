@@ -236,6 +236,24 @@ class SwarmNode(MultiService, CacheOps):
             "swarmcache {version} node {node} started", version=swarm.__version__,
             node=self.node_id,
         )
+        self._peer_listener.when_listening().addCallbacks(self._say_who_may_link,
+                                                          lambda _: None)
+
+    def _say_who_may_link(self, port) -> None:
+        """Peer links without a secret: said at start, loudly when others can reach it."""
+        if self.config.peer_secret is not None:
+            _log.info("peer links need the swarm's secret (--secret-file)")
+            return
+        host = getattr(port.getHost(), "host", None)
+        if host is None or _is_loopback(host):
+            _log.info("peer links are not authenticated (no --secret-file); they listen "
+                      "on {address} only", address=host or "a local socket")
+        else:
+            _log.warn(
+                "PEER LINKS ARE OPEN TO ANYONE WHO CAN REACH {address}: with no "
+                "--secret-file any program can join the swarm, read and change every "
+                "key. Give every node the same --secret-file, or listen on loopback "
+                "(docs/security.md)", address=host)
 
     def stopService(self) -> Deferred:
         """Hand this node's entries to their next owners, then close everything."""
@@ -292,6 +310,18 @@ class SwarmNode(MultiService, CacheOps):
         return serving and conflict is None, body
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _ws_url(listener: _Listener) -> str:
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
     host = listener.port.getHost()
-    return f"ws://{host.host}:{host.port}"
+    tls = isinstance(getattr(listener.port, "factory", None), TLSMemoryBIOFactory)
+    return f"{'wss' if tls else 'ws'}://{host.host}:{host.port}"

@@ -111,13 +111,17 @@ def _token_file(path: str) -> str:
     return path
 
 
-def _readable_file(option: str):
-    def coerce(path: str) -> str:
-        if not os.access(path, os.R_OK) or os.path.isdir(path):
-            raise usage.UsageError(f"--{option}: cannot read {path!r}")
-        return path
+def _ca_file(path: str) -> str:
+    """A PEM file holding at least one CA certificate."""
+    from swarm.protocol.urls import trust_root
 
-    return coerce
+    try:
+        trust_root(path)
+    except OSError as e:
+        raise usage.UsageError(f"--peer-ca: cannot read {path!r}: {e.strerror}") from None
+    except ValueError as e:
+        raise usage.UsageError(f"--peer-ca: {e}") from None
+    return path
 
 
 class Options(usage.Options):
@@ -162,7 +166,7 @@ class Options(usage.Options):
          "Seconds a peer may take to answer a ping; at least 1.", _ping_seconds],
         ["peer-ca", None, None,
          "PEM file of CA certificates that wss:// peers are verified against "
-         "(default: the system's trust store).", _readable_file("peer-ca")],
+         "(default: the system's trust store).", _ca_file],
         ["client-token-file", None, None,
          "File of client tokens, one a line (blank lines and # comments ignored), reread "
          "on SIGHUP; clients then present one (Authorization: Bearer, or ?token=) or are "
@@ -198,7 +202,7 @@ class Options(usage.Options):
         self["allowed-origin"].append(origin.rstrip("/"))
 
     def opt_peer(self, url: str) -> None:
-        """URL of a node to keep a link to (ws://host:port); repeatable."""
+        """URL of a node to keep a link to (ws://host:port or wss://); repeatable."""
         try:
             peer_endpoint_description(url)
         except ValueError as e:
