@@ -21,13 +21,24 @@ from hypothesis.stateful import (
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from swarm.errors import NotInteger, TooLarge
+from swarm.errors import BadRequest, NotInteger, TooLarge
 from swarm.protocol.entry import Entry, HybridClock
 from swarm.protocol.wire import INT64_MAX, INT64_MIN
 from swarm.store.memory import (
     _DELETED,
+    BIG_INT_SIZE,
+    BYTES_SIZE,
+    DICT_EMPTY_SIZE,
+    DICT_SIZE,
     ENTRY_OVERHEAD,
+    FLOAT_SIZE,
+    INT_SIZE,
+    LIST_SIZE,
     SCALAR_SIZE,
+    STR_ASCII_SIZE,
+    STR_LATIN1_SIZE,
+    STR_UCS2_SIZE,
+    STR_UCS4_SIZE,
     TOMBSTONE_TTL,
     IStore,
     MemoryStore,
@@ -298,54 +309,82 @@ def test_incr_on_a_new_key_without_ttl_never_expires(store, clock):
 # -- accounting ---------------------------------------------------------------------------
 
 
+def _list(n):
+    """An array of n elements as the rule counts it: 56, then n slots plus CPython's
+    over-allocation (n // 8, and 3 for a non-empty list grown by appends)."""
+    return LIST_SIZE + SCALAR_SIZE * (n + (n >> 3) + (3 if n else 0))
+
+
+#: A map of one to five entries: header, 8 index bytes and 5 table entries of 16.
+ONE_KEY_MAP = DICT_SIZE + 8 + 5 * 16
+
+
 @pytest.mark.parametrize(
     "value, size",
     [
-        ("", 0),
-        ("abc", 3),
-        ("é", 2),  # two UTF-8 bytes, one code point
-        ("日本", 6),
-        ("🙂", 4),
+        ("", 0),  # "" and one-character latin-1 strings are CPython's shared objects
+        ("é", 0),
+        ("abc", STR_ASCII_SIZE + 3),
+        ("\x00\x01\x02", STR_ASCII_SIZE + 3),
+        ("ÿé", STR_LATIN1_SIZE + 2),  # one byte per character below 256
+        ("日本", STR_UCS2_SIZE + 4),  # two bytes per character below 65536
+        ("🙂", STR_UCS4_SIZE + 4),  # four beyond; not shared
         (b"", 0),
-        (b"\x00\x01\x02", 3),
-        (0, 8),
-        (-1, 8),
-        (INT64_MAX, 8),
-        (INT64_MIN, 8),
-        (INT64_MIN + 1, 8),
-        (2**63, 9),
-        (2**64 - 1, 9),  # bigger than 8 bytes: (bit_length + 8) // 8
-        (-(2**64), 9),
-        (1.5, 8),
-        (True, 8),
-        (False, 8),
-        (None, 8),
-        ([], 8),
-        ([1, 2], 8 * 3 + 8 + 8),
-        ({}, 8),
-        ({"a": 1}, 8 * 2 + 1 + 8),
-        ({"é": "ü"}, 8 * 2 + 2 + 2),
-        ([[1], {"k": [None, "xy"]}], 8 * 3 + (8 * 2 + 8) + (8 * 2 + 1 + (8 * 3 + 8 + 2))),
+        (b"x", 0),
+        (b"\x00\x01\x02", BYTES_SIZE + 3),
+        (0, 0),  # -5..256 are shared small ints
+        (-5, 0),
+        (256, 0),
+        (257, INT_SIZE),
+        (-6, INT_SIZE),
+        (2**60 - 1, INT_SIZE),
+        (2**60, BIG_INT_SIZE),
+        (INT64_MAX, BIG_INT_SIZE),
+        (INT64_MIN, BIG_INT_SIZE),
+        (1.5, FLOAT_SIZE),
+        (True, 0),
+        (False, 0),
+        (None, 0),
+        ([], LIST_SIZE),
+        ([1, 2], _list(2)),
+        ([1000, 2000], _list(2) + 2 * INT_SIZE),
+        (list(range(16)), _list(16)),
+        ({}, DICT_EMPTY_SIZE),
+        ({"a": 1}, ONE_KEY_MAP),
+        ({"name": "Ada"}, ONE_KEY_MAP + 2 * (STR_ASCII_SIZE + 3) + 1),
+        ({"é": "ü"}, ONE_KEY_MAP),
+        # six keys outgrow eight slots: sixteen, ten entries, and the keys' strings
+        ({f"k{i}": i for i in range(6)}, DICT_SIZE + 16 + 10 * 16 + 6 * (STR_ASCII_SIZE + 2)),
+        (
+            [[1], {"k": [None, "xy"]}],
+            _list(2) + _list(1) + ONE_KEY_MAP + _list(2) + STR_ASCII_SIZE + 2,
+        ),
     ],
 )
 def test_measure(value, size):
     assert measure(value) == size
 
 
+def test_measure_refuses_lone_surrogates():
+    with pytest.raises(BadRequest, match="lone surrogates"):
+        measure("a\ud800")
+
+
 def test_measure_deep_nesting_does_not_recurse():
     value = 0
     for _ in range(10_000):
         value = [value]
-    assert measure(value) == 10_000 * 2 * SCALAR_SIZE + SCALAR_SIZE
+    assert measure(value) == 10_000 * _list(1)
 
 
 def test_memory_bytes_follows_the_accounting_rule(store):
-    # 64 overhead + 6 ("user:7" in UTF-8) + measure({"name": "Ada"}) = 8*2 + 4 + 3 = 23
+    # overhead + 6 ("user:7" in UTF-8) + the map, its key "name" and its value "Ada"
     store.set("user:7", {"name": "Ada"}, None)
-    assert store.memory_bytes == 64 + 6 + 23 == 93
-    # the key counts in UTF-8 bytes: "clé" is 4 bytes
+    first = ENTRY_OVERHEAD + 6 + ONE_KEY_MAP + (STR_ASCII_SIZE + 4) + (STR_ASCII_SIZE + 3)
+    assert store.memory_bytes == first == 599
+    # the key counts in UTF-8 bytes: "clé" is 4 bytes; "été" is a latin-1 str of 3
     store.set("clé", "été", None)
-    assert store.memory_bytes == 93 + (64 + 4 + 5)
+    assert store.memory_bytes == first + ENTRY_OVERHEAD + 4 + STR_LATIN1_SIZE + 3
 
 
 def test_overwrite_replaces_the_size(store):
@@ -426,7 +465,8 @@ def test_a_big_write_evicts_several(clock):
     store = small_store(clock, entries=4)
     for key in "abcd":
         store.set(key, 0, None)
-    big = "x" * (2 * entry_size("a", 0) - 64 - 1)  # costs exactly two small entries
+    # costs exactly two small entries: overhead, key "e", then the str header
+    big = "x" * (2 * entry_size("a", 0) - ENTRY_OVERHEAD - 1 - STR_ASCII_SIZE)
     store.set("e", big, None)
     assert [k for k in "abcde" if store.exists(k)] == ["c", "d", "e"]
     assert store.evictions == 2
@@ -456,30 +496,33 @@ def test_set_many_beyond_budget_evicts(clock):
 
 
 def test_value_over_max_value_bytes_is_too_large(clock):
-    store = MemoryStore(clock, max_value_bytes=100)
+    limit = measure("x" * 100)
+    store = MemoryStore(clock, max_value_bytes=limit)
     store.set("k", "x" * 100, None)  # exactly at the limit is fine
     with pytest.raises(TooLarge) as e:
         store.set("k", "x" * 101, None)
-    assert "101" in e.value.message and "100" in e.value.message
+    assert str(limit + 1) in e.value.message and str(limit) in e.value.message
     assert store.get("k") == (True, "x" * 100)
 
 
 def test_value_limit_uses_measure(clock):
-    store = MemoryStore(clock, max_value_bytes=20)
-    store.set("k", "é" * 10, None)  # 20 bytes
-    with pytest.raises(TooLarge, match="22 bytes"):
+    store = MemoryStore(clock, max_value_bytes=STR_LATIN1_SIZE + 10)
+    store.set("k", "é" * 10, None)  # latin-1: one byte a character
+    with pytest.raises(TooLarge, match=f"{STR_LATIN1_SIZE + 11} bytes"):
         store.set("k", "é" * 11, None)
-    with pytest.raises(TooLarge, match="56 bytes"):
-        store.set("k", [1, 2, 3], None)  # 8 * (3 + 1) slots + 3 * 8 integers
+    # an array of three small ints: 56 + 8 * (3 slots + 3 spare), the ints shared
+    with pytest.raises(TooLarge, match=f"{LIST_SIZE + 6 * SCALAR_SIZE} bytes"):
+        store.set("k", [1, 2, 3], None)
 
 
 def test_entry_over_the_whole_budget_is_too_large_and_changes_nothing(clock):
-    store = MemoryStore(clock, max_memory=300)
+    store = MemoryStore(clock, max_memory=1000)
     store.set("a", "x", None)
     store.set("b", "y", 5)
     before = (dict(store._entries), store.memory_bytes)
-    too_big = "z" * (300 - 64)  # value fits max_value_bytes; entry is 64 + 1 + 236 > 300
-    with pytest.raises(TooLarge, match=r"entry of 301 bytes exceeds the memory budget of 300"):
+    # the value fits max_value_bytes; the entry is one byte over the budget
+    too_big = "z" * (1000 - ENTRY_OVERHEAD - 1 - STR_ASCII_SIZE + 1)
+    with pytest.raises(TooLarge, match=r"entry of 1001 bytes exceeds the memory budget of 1000"):
         store.set("c", too_big, None)
     with pytest.raises(TooLarge):
         store.set("a", too_big, None, xx=True)
@@ -491,18 +534,18 @@ def test_entry_over_the_whole_budget_is_too_large_and_changes_nothing(clock):
 
 
 def test_entry_exactly_the_budget_fits(clock):
-    store = MemoryStore(clock, max_memory=300)
+    store = MemoryStore(clock, max_memory=1000)
     store.set("a", "x", None)
-    store.set("c", "z" * (300 - 65), None)
-    assert store.memory_bytes == 300
+    store.set("c", "z" * (1000 - ENTRY_OVERHEAD - 1 - STR_ASCII_SIZE), None)
+    assert store.memory_bytes == 1000
     assert store.exists("a") is False
     assert store.evictions == 1
 
 
 def test_set_many_is_all_or_nothing(clock):
-    store = MemoryStore(clock, max_value_bytes=10)
+    store = MemoryStore(clock, max_value_bytes=STR_ASCII_SIZE + 10)
     store.set("a", "old", None)
-    with pytest.raises(TooLarge, match="11 bytes"):
+    with pytest.raises(TooLarge, match=f"{STR_ASCII_SIZE + 11} bytes"):
         store.set_many({"a": "new", "b": "x" * 11, "c": "ok"}, None)
     assert store.get("a") == (True, "old")
     assert store.exists("b") is False
@@ -1086,3 +1129,10 @@ def test_read_copies_entries_and_tombstones_and_leaves_them(store):
         ("live", 1, False), ("gone", None, True)]
     assert store.read(["live"]) == read[:1] and store.exists("live")
     assert (store.hits, store.misses) == (0, 0)
+
+
+def test_the_worked_example_of_docs_store_md(store):
+    store.set("user:7", {"name": "Zoë", "tags": ["admin", "ops"], "age": 36}, None)
+    assert store.memory_bytes == 962
+    store.incr("hits", 1, None)
+    assert store.memory_bytes == 1254

@@ -91,6 +91,24 @@ def test_help_lists_the_contract_options(tmp_path):
         assert option in out, f"{option} missing from --help:\n{out}"
 
 
+def test_readme_options_table_is_the_options_twistd_takes():
+    """Every option of ``twistd swarmcache --help`` is in the README's table, and no
+    row names one that does not exist."""
+    from swarm.node.tap import Options
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("### Options", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(--[a-z-]+)", table, re.M))
+    taken = {f"--{name}" for name in _long_options(Options())}
+    assert documented == taken
+
+
+def _long_options(options) -> set[str]:
+    names = {p[0] for p in options.optParameters}
+    names |= {name[4:].replace("_", "-") for name in dir(options) if name.startswith("opt_")}
+    return names - {"help", "version"}
+
+
 # -- (b) a node serving clients, then SIGTERM --------------------------------------------
 
 

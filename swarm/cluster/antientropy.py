@@ -14,8 +14,9 @@ entries of those partitions back (as ``restore``), so both end with the newer co
 Cost per round on an idle swarm: one scan of the store on the primary, one on each
 owner it asks, and per pair of owners one request carrying about 9 bytes per
 partition they share (measured: 3 nodes with ``--replicas 2`` send six requests of
-about 6 KB each, 37 KB per round for the whole swarm); entries move only where copies
-differ. Nothing runs with ``--replicas 1``.
+about 6 KB each, 37 KB per round for the whole swarm; the round after a change of
+view, when every owner compares, 96 KiB: ``python -m swarm.bench_failover``); entries
+move only where copies differ. Nothing runs with ``--replicas 1``.
 """
 
 from __future__ import annotations
