@@ -486,3 +486,47 @@ def test_close_reopens_reading_so_the_close_handshake_completes():
     assert not conn.reading
     session.close(1000, "bye")
     assert conn.reading and not session.queue
+
+
+# -- draining at a stop ----------------------------------------------------------------
+
+
+def test_drain_stops_reading_and_fires_once_every_frame_read_is_answered():
+    session, conn, frames, _ = make_session(max_in_flight=1)
+    session.received(b"wait", False)
+    session.received(b"queued", False)  # read, waiting for the in-flight one
+    drained = session.drain()
+    assert not conn.reading and not drained.called and session.pending == 2
+    session.received(b"late", False)  # already read by the socket: answered too
+    frames.waiting[0].callback(b"r1")
+    assert conn.sent == [b"r1", b"queued", b"late"]
+    assert drained.called and session.pending == 0
+    assert not conn.reading  # a drained session never reads again
+
+
+def test_drain_of_a_quiet_session_fires_at_once():
+    session, conn, _, _ = make_session()
+    assert session.drain().called and not conn.reading
+
+
+def test_drain_waits_for_a_full_write_buffer_and_fires_when_the_connection_goes():
+    session, conn, _, _ = make_session()
+    session.pauseProducing()
+    session.received(b"a", False)
+    drained = session.drain()
+    assert not drained.called and conn.sent == []
+    session.resumeProducing()
+    assert conn.sent == [b"a"] and drained.called
+    other, _, _, _ = make_session()
+    other.pauseProducing()
+    other.received(b"b", False)
+    stuck = other.drain()
+    other.connection_lost()  # the client went: nothing left to answer
+    assert stuck.called
+
+
+def test_closing_a_drained_session_reads_again_for_the_close_handshake():
+    session, conn, _, _ = make_session()
+    session.drain()
+    session.close(1001, "node shutting down")
+    assert conn.reading and conn.closed == (1001, "node shutting down")

@@ -22,7 +22,14 @@ import pytest
 import pytest_twisted
 import websockets
 from conftest import on_asyncio
-from twistd_support import EXIT_DEADLINE, Twistd, free_port, health, start_node
+from twistd_support import (
+    CLEAN_SIGTERM_STATUS,
+    EXIT_DEADLINE,
+    Twistd,
+    free_port,
+    health,
+    start_node,
+)
 
 
 def run_twistd(workdir: Path, args: list[str], name: str = "once") -> tuple[int, str]:
@@ -46,10 +53,6 @@ def twistd_node(tmp_path):
 # -- helpers for the async tests --------------------------------------------------------
 
 
-#: After a clean shutdown on SIGTERM, twistd (Twisted >= 20.3, twisted/scripts/twistd.py
-#: ``app._exitWithSignal``) re-sends itself the signal, so the status is -SIGTERM rather
-#: than 0; supervisors such as systemd count that as a clean stop. Either is accepted.
-CLEAN_SIGTERM_STATUS = (0, -signal.SIGTERM)
 
 
 async def stopped_by_sigterm(t: Twistd) -> str:

@@ -39,6 +39,11 @@ EXIT_DEADLINE = 15.0
 POLL = 0.05
 
 
+#: After a clean shutdown on SIGTERM, twistd (Twisted >= 20.3, twisted/scripts/twistd.py
+#: ``app._exitWithSignal``) re-sends itself the signal, so the status is -SIGTERM rather
+#: than 0; supervisors such as systemd count that as a clean stop. Either is accepted.
+CLEAN_SIGTERM_STATUS = (0, -signal.SIGTERM)
+
 def free_port() -> int:
     """A port that was free on 127.0.0.1 a moment ago (the caller retries on a clash)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -34,6 +34,7 @@ from swarm.protocol.wire import (
 _log = logger(__name__)
 
 #: WebSocket close codes the edge sends (RFC 6455, section 7.4.1).
+CLOSE_GOING_AWAY = 1001  # the node is stopping
 CLOSE_IDLE = 1000  # normal closure, reason "idle": the client sent nothing for too long
 CLOSE_NOT_READING = 1008  # policy violation: replies pile up for a client that does not read
 CLOSE_TOO_BIG = 1009  # message too big: as for a frame over --max-message-size
@@ -188,6 +189,9 @@ class ClientSession:
       protocol has no subscriptions, so a client that sends nothing needs nothing.
       Frames waiting because the client does not read do not count as being worked
       on: a client stuck that way is idle.
+    - A stopping node drains every session (:meth:`drain`): nothing more is read,
+      and every frame already read is worked on and answered before the node closes
+      the connection, so a request either gets its reply or was never read.
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class ClientSession:
         self.backlog = 0  # reply bytes written while the buffer was full
         self.reading = True
         self.closed = False
+        self._drained: Deferred | None = None  # set by drain(): fires when all answered
         self._pumping = False
         self._last_active = clock.seconds()
         self._idle_call: Any = None
@@ -240,6 +245,23 @@ class ClientSession:
     def connection_lost(self) -> None:
         self._shut()
 
+    def drain(self) -> Deferred:
+        """Read nothing more; fire once every frame read so far is answered (or the
+        connection is gone). Frames that cannot be worked on because the client does
+        not read stay unanswered, and so unapplied, until the caller gives up."""
+        if self._drained is None:
+            self._drained = Deferred()
+            if self.reading:
+                self.reading = False
+                self.connection.stop_reading()
+            self._pump()
+        return self._drained
+
+    @property
+    def pending(self) -> int:
+        """Requests read and not answered: being worked on, or frames waiting."""
+        return self.in_flight + len(self.queue)
+
     # -- decisions ---------------------------------------------------------------------
 
     def _pump(self) -> None:
@@ -253,6 +275,10 @@ class ClientSession:
                 self._work(*self.queue.popleft())
         finally:
             self._pumping = False
+        if self._drained is not None:
+            if self.closed or (not self.queue and not self.in_flight):
+                self._fire_drained()
+            return
         if self.closed:
             return
         if self.queue and self.reading:
@@ -331,6 +357,11 @@ class ClientSession:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        self._fire_drained()
+
+    def _fire_drained(self) -> None:
+        if self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
 
 
 class ClientProtocol(WebSocketServerProtocol):
@@ -348,6 +379,8 @@ class ClientProtocol(WebSocketServerProtocol):
         self.transport.unregisterProducer()
         self.transport.registerProducer(self.session, True)
         factory.opened(self)
+        if factory.draining:
+            self.session.drain()  # opened while the node stops: it reads nothing
         _log.debug("client {peer} connected", peer=self.peer)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -377,6 +410,13 @@ class ClientProtocol(WebSocketServerProtocol):
         # sendCloseFrame: Autobahn's sendClose allows only 1000 and 3000-4999.
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
 
+    def going_away(self) -> None:
+        """The node stops: close with 1001."""
+        if self.session is not None:
+            self.session.close(CLOSE_GOING_AWAY, "node shutting down")
+        else:
+            self.close_with(CLOSE_GOING_AWAY, "node shutting down")
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:
             self.session.connection_lost()
@@ -398,6 +438,7 @@ class ClientFactory(WebSocketServerFactory, ConnectionTracker):
         self.frames = frames
         self.config = config
         self.clock = clock
+        self.draining = False
         max_message_size = config.max_message_size
         # One call: Autobahn resets allowNullOrigin on every setProtocolOptions.
         self.setProtocolOptions(
@@ -412,3 +453,14 @@ class ClientFactory(WebSocketServerFactory, ConnectionTracker):
             autoPingInterval=30,
             autoPingTimeout=30,
         )
+
+    def drain(self) -> Deferred:
+        """Stop reading every client connection, those opened from now on included;
+        fire once every request already read has been answered."""
+        self.draining = True
+        sessions = [p.session for p in self.connections if p.session is not None]
+        return DeferredList([session.drain() for session in sessions])
+
+    def pending(self) -> int:
+        """Requests read from clients and not answered yet."""
+        return sum(p.session.pending for p in self.connections if p.session is not None)

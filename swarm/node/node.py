@@ -42,6 +42,10 @@ SWEEP_INTERVAL = 0.1
 SWEEP_LIMIT = 500
 #: How long a stopping node waits for clients to acknowledge its close.
 CLOSE_GRACE = 2.0
+#: How long past --request-timeout a stopping node waits for the replies to requests
+#: it has read (each is answered by then, if only with ``timeout``, unless its client
+#: does not read what it is sent).
+DRAIN_SLACK = 1.0
 
 
 def endpoint_description(port: str | int) -> str:
@@ -142,8 +146,14 @@ class _Listener(Service):
     def _close_connections(self) -> Deferred:
         protocols = [p for f in self.factories for p in list(f.connections)]
         for p in protocols:
-            # 1001 "going away" (Autobahn's sendClose only allows 1000 and 3000+).
-            p.sendCloseFrame(code=1001, reasonUtf8=b"node shutting down")
+            # 1001 "going away" (Autobahn's sendClose only allows 1000 and 3000+). A
+            # client connection closes through its session, which reads again (it
+            # stopped reading to drain) so that the client's answer arrives.
+            going_away = getattr(p, "going_away", None)
+            if going_away is not None:
+                going_away()
+            else:
+                p.sendCloseFrame(code=1001, reasonUtf8=b"node shutting down")
         closed = DeferredList([f.when_all_closed() for f in self.factories])
 
         def abort_stragglers() -> None:
@@ -230,6 +240,7 @@ class SwarmNode(MultiService, CacheOps):
     def startService(self) -> None:
         self._started_at = self.reactor.seconds()
         self._stopping = False
+        self.client_factory.draining = False
         self.core.start()  # started again after a stop: an owner once more
         super().startService()
         _log.info(
@@ -256,11 +267,41 @@ class SwarmNode(MultiService, CacheOps):
                 "(docs/security.md)", address=host)
 
     def stopService(self) -> Deferred:
-        """Hand this node's entries to their next owners, then close everything."""
+        """Read no more from clients and answer what was read; then hand this node's
+        entries to their next owners and close everything."""
         _log.info("node {node} stopping", node=self.node_id)
         self._stopping = True
+        return self._drain_clients().addCallback(lambda _: self._leave())
+
+    def _leave(self) -> Deferred:
         self.core.stop()
         return self.core.leave().addCallback(lambda _: MultiService.stopService(self))
+
+    def _drain_clients(self) -> Deferred:
+        """Fires once every request read from a client is answered, or after
+        --request-timeout + DRAIN_SLACK (a client that does not read its replies)."""
+        done: Deferred = Deferred()
+        pending = self.client_factory.pending()
+        limit = self.config.request_timeout + DRAIN_SLACK
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                if pending:
+                    _log.info("answered the {count} client requests read before the stop",
+                              count=pending)
+                done.callback(None)
+
+        def give_up() -> None:
+            _log.warn("stopping with {count} client requests unanswered after {seconds} s "
+                      "(their clients do not read)", count=self.client_factory.pending(),
+                      seconds=limit)
+            done.callback(None)
+
+        timer = self.reactor.callLater(limit, give_up)
+        self.client_factory.drain().addCallback(finished)
+        return done
 
     def when_listening(self) -> Deferred:
         """Fires with the client IListeningPort once the node listens on all its
