@@ -334,6 +334,9 @@ def _describe(reason: Failure) -> str:
 class _ClientProtocol(WebSocketClientProtocol):
     """Feeds frames to a :class:`RequestTracker`; nothing more."""
 
+    #: Nagle off (Autobahn reads this before it copies the factory's options).
+    tcpNoDelay = True
+
     def connectionMade(self) -> None:
         self.factory.protocol_instance = self
         self._requests: RequestTracker | None = None

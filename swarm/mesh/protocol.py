@@ -140,7 +140,10 @@ class PeerServerProtocol(_PeerProtocolMixin, WebSocketServerProtocol):
 
 
 class PeerClientProtocol(_PeerProtocolMixin, WebSocketClientProtocol):
-    pass
+    #: Nagle off: Autobahn's connectionMade reads this before it copies the factory's
+    #: options, so without it a dialled link keeps Nagle on and a small message sent
+    #: behind an unacknowledged one waits for the delayed ACK (up to 40 ms).
+    tcpNoDelay = True
 
 
 class PeerServerFactory(WebSocketServerFactory, ConnectionTracker):
