@@ -78,6 +78,12 @@ MAX_PEER_MESSAGE = 64 * 1024 * 1024
 MAX_HANDSHAKE_MESSAGE = 4096
 #: Frames are cut at about this size, so one large reply does not hold up the others.
 FRAME_TARGET = 1024 * 1024
+#: Peer frames below this size are decoded without the memory scan of client frames
+#: (:data:`swarm.protocol.wire.SCAN_FROM`): only a peer that passed the handshake sends
+#: frames over MAX_HANDSHAKE_MESSAGE, the frames of batched traffic (tens of KB) would
+#: pay five times their decoding for it, and one frame can still build at most about
+#: 72 MiB of objects. Larger frames (handoffs, big values) are scanned.
+PEER_SCAN_FROM = FRAME_TARGET
 
 
 def encode_message(msg: dict) -> bytes:
@@ -131,7 +137,7 @@ def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
     if not is_binary:
         raise PeerProtocolError("peer frames are binary CBOR")
     try:
-        messages = decode_cbor(payload)
+        messages = decode_cbor(payload, PEER_SCAN_FROM)
     except Exception as e:
         raise PeerProtocolError(f"undecodable peer frame: {e}") from None
     if not isinstance(messages, list):
