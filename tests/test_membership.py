@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swarm.mesh.link import PeerLink
-from swarm.mesh.membership import Announcement, Membership
+from swarm.mesh.membership import MAX_ADOPTED, MAX_COUNTER, Announcement, Membership
 from swarm.mesh.overlay import Overlay
 
 INC = 1_000_000
@@ -527,3 +527,25 @@ def test_a_full_database_drops_announcements_of_new_nodes_only(monkeypatch):
     assert len(m.receive([Announcement(f"n{i}", 1, 1, ("a",)) for i in range(5)])) == 3
     assert m.dropped == 2 and len(m.announcements()) == 4
     assert m.receive([Announcement("n0", 1, 2, ())]) == [Announcement("n0", 1, 2, ())]
+
+
+@pytest.mark.parametrize("inc, seq", [(MAX_ADOPTED, 1), (1000, MAX_ADOPTED), (MAX_COUNTER, 0)])
+def test_an_announcement_of_this_node_near_the_counters_end_is_not_adopted(inc, seq):
+    # adopting it would leave no higher version to announce: every later announcement
+    # (and, for the incarnation, the hello) would be refused by every peer
+    m = Membership("a", 1000)
+    assert m.receive([Announcement("a", inc, seq, ("x",))]) == []
+    assert m.own.version == (1000, 1) and m.self_conflicts == 1
+    # one just below is adopted as before: the node re-announces above it
+    (again,) = m.receive([Announcement("a", MAX_ADOPTED - 1, 7, ())])
+    assert again.version == (MAX_ADOPTED - 1, 8)
+
+
+@pytest.mark.parametrize("field", ["inc", "seq"])
+def test_announcement_counters_past_64_bits_are_malformed(field):
+    wire = {"node": "b", "inc": 1, "seq": 1, "links": []}
+    wire[field] = MAX_COUNTER + 1
+    with pytest.raises(ValueError, match=field):
+        Announcement.from_wire(wire)
+    wire[field] = MAX_COUNTER
+    assert Announcement.from_wire(wire).version[field == "seq"] == MAX_COUNTER

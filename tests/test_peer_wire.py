@@ -9,7 +9,9 @@ import cbor2
 import pytest
 import pytest_twisted
 
+from swarm.errors import InternalError, TooLarge
 from swarm.mesh.membership import Announcement
+from swarm.protocol.wire import Unsupported
 from swarm.mesh.peer_wire import (
     CLOSE_PROTOCOL_ERROR,
     FRAME_TARGET,
@@ -256,18 +258,35 @@ def test_frames_of_replaces_a_message_too_large_for_any_peer():
     huge = _rep(7, MAX_PEER_MESSAGE)
     seen = []
 
-    def too_large(msg, size):
-        seen.append((msg["rid"], size))
+    def too_large(msg, error):
+        seen.append((msg["rid"], error))
         return cbor2.dumps({"t": "rep", "rid": 7, "rep": {"id": 7, "ok": False}})
 
     frames = list(frames_of([_rep(6, 10), huge, _rep(8, 10)], too_large))
     decoded = [m for f in frames for m in decode_peer_frame(f, True)]
     assert [m["rid"] for m in decoded] == [6, 7, 8]
     assert decoded[1]["rep"]["ok"] is False
-    assert seen and seen[0][0] == 7 and seen[0][1] > MAX_PEER_MESSAGE
+    assert seen and seen[0][0] == 7 and isinstance(seen[0][1], TooLarge)
+    assert str(MAX_PEER_MESSAGE) in seen[0][1].message
     # or dropped altogether when the replacement is None
     frames = list(frames_of([_rep(6, 10), huge], lambda m, n: None))
     assert [m["rid"] for f in frames for m in decode_peer_frame(f, True)] == [6]
+
+
+def test_frames_of_replaces_an_unencodable_message_and_keeps_the_others():
+    # an id that is a decoded CBOR tag (Unsupported) must never reach a reply, but if a
+    # bug lets one through, it costs that message only, not the frame around it
+    bad = {"t": "rep", "rid": 7, "rep": {"id": Unsupported(1), "ok": True}}
+    seen = []
+
+    def refuse(msg, error):
+        seen.append(error)
+        return cbor2.dumps({"t": "rep", "rid": msg["rid"], "rep": {"id": None, "ok": False}})
+
+    frames = list(frames_of([_rep(6, 10), bad, _rep(8, 10)], refuse))
+    decoded = [m for f in frames for m in decode_peer_frame(f, True)]
+    assert [m["rid"] for m in decoded] == [6, 7, 8]
+    assert isinstance(seen[0], InternalError)
 
 
 # -- through a real node: a hostile peer closes only its own link -------------------------

@@ -35,7 +35,7 @@ from swarm.errors import (
 )
 from swarm.logs import logger
 from swarm.protocol.ops import OPS, Kind, Op, ops_of
-from swarm.protocol.wire import RequestParser, error_reply, ok_reply
+from swarm.protocol.wire import RequestParser, error_reply, ok_reply, request_id
 
 _log = logger(__name__)
 
@@ -166,7 +166,7 @@ class QueryRouter:
         try:
             request = self._peer_parser.parse(raw)
         except SwarmError as e:
-            return error_reply(raw.get("id") if isinstance(raw, dict) else None, e)
+            return error_reply(request_id(raw), e)
         return self.route(request, timeout, hops, to)
 
     def route(

@@ -27,6 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 
+#: The largest incarnation or sequence number on the wire (CBOR's unsigned 64 bits).
+MAX_COUNTER = 2**64 - 1
+#: A node takes the version of an announcement about itself that it did not make only
+#: below this (its incarnation is its start time in ms, about 2**41): one near
+#: MAX_COUNTER would leave it no higher version to announce next, and a hello nobody
+#: accepts.
+MAX_ADOPTED = 2**62
+
 #: The longest node id accepted from a peer (ids name nodes in logs and on the wire).
 MAX_ID_BYTES = 256
 #: The most links one announcement may list: far more than a node dials or accepts.
@@ -73,8 +81,9 @@ class Announcement:
             raise ValueError(
                 f"announcement node must be a string of 1 to {MAX_ID_BYTES} characters")
         for name, n in (("inc", inc), ("seq", seq)):
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"announcement {name} must be a non-negative integer")
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNTER:
+                raise ValueError(
+                    f"announcement {name} must be an integer from 0 to {MAX_COUNTER}")
         if not isinstance(links, list) or not all(_is_id(x) for x in links):
             raise ValueError("announcement links must be a list of node ids")
         if len(links) > MAX_LINKS:
@@ -138,26 +147,22 @@ class Membership:
 
         An announcement about this node that is newer than ours (our previous life,
         or a clock that went backwards) makes us re-announce with a higher version,
-        at most MAX_SELF_CORRECTIONS times.
+        at most MAX_SELF_CORRECTIONS times and only below MAX_ADOPTED.
         """
         fresh: list[Announcement] = []
         for ann in announcements:
-            known = self._db.get(ann.node)
+            if not self.is_news(ann):
+                continue
             if ann.node == self.self_id:
-                # ours comes back to us on rings: only a newer one, or another at
-                # our version saying something else, was not made by this node
-                if ann == known or ann.version < known.version:
-                    continue
                 self.self_conflicts += 1
-                if self.self_conflicts <= MAX_SELF_CORRECTIONS:
+                if (self.self_conflicts <= MAX_SELF_CORRECTIONS
+                        and max(ann.version) < MAX_ADOPTED):
                     own = self.own
                     fresh.append(self._replace_own(
                         ann.incarnation, ann.seq + 1, own.links, own.leaving
                     ))
                 continue
-            if known is not None and ann.version <= known.version:
-                continue
-            if known is None and len(self._db) >= MAX_NODES:
+            if ann.node not in self._db and len(self._db) >= MAX_NODES:
                 self.dropped += 1
                 continue
             self._db[ann.node] = ann
@@ -165,6 +170,15 @@ class Membership:
         if fresh:
             self._recompute()
         return fresh
+
+    def is_news(self, ann: Announcement) -> bool:
+        """Whether :meth:`receive` would act on ``ann`` (the database's size aside)."""
+        known = self._db.get(ann.node)
+        if ann.node == self.self_id:
+            # ours comes back to us on rings: only a newer one, or another at our
+            # version saying something else, was not made by this node
+            return ann != known and ann.version >= known.version
+        return known is None or ann.version > known.version
 
     def _replace_own(
         self, incarnation: int, seq: int, links: tuple, leaving: bool
@@ -222,3 +236,4 @@ class Membership:
             }
             for node, hops in sorted(self.hops.items(), key=lambda kv: (kv[1], kv[0]))
         ]
+

@@ -37,7 +37,7 @@ from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.membership import Announcement, Membership
 from swarm.mesh.peer_wire import bye, hello
-from swarm.protocol.wire import error_reply
+from swarm.protocol.wire import error_reply, request_id
 
 _log = logger(__name__)
 
@@ -268,7 +268,7 @@ class Overlay:
         timeout = msg["ms"] / 1000.0
         if timeout <= 0:
             error = Timeout("the request's deadline passed on the way")
-            reply = succeed(error_reply(request.get("id"), error))
+            reply = succeed(error_reply(request_id(request), error))
         else:
             reply = maybeDeferred(
                 self.handle_request, request, timeout, msg["hops"], msg.get("to")
@@ -276,7 +276,7 @@ class Overlay:
 
         def failed(failure) -> dict:
             _log.failure("forwarded request failed", failure)
-            return error_reply(request.get("id"), InternalError("internal error"))
+            return error_reply(request_id(request), InternalError("internal error"))
 
         def answer(rep: dict) -> None:
             self._serving -= 1

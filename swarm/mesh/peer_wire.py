@@ -45,8 +45,9 @@ from typing import Any, Iterator
 
 import cbor2
 
+from swarm.errors import InternalError, TooLarge
 from swarm.mesh.auth import NONCE_BYTES, PROOF_BYTES
-from swarm.mesh.membership import MAX_ID_BYTES, Announcement
+from swarm.mesh.membership import MAX_COUNTER, MAX_ID_BYTES, Announcement
 from swarm.protocol.wire import decode_cbor
 
 #: 2: entries carry versions (issue 6), and links close in two phases (``bye``).
@@ -63,9 +64,6 @@ CLOSE_UNAUTHORIZED = 4004
 #: seconds), and the most hops it may have left (the router starts at 32).
 MAX_REQUEST_MS = 24 * 3600 * 1000
 MAX_HOPS = 255
-#: Request tags and incarnations are counters and milliseconds: far below this.
-MAX_COUNTER = 2**64 - 1
-
 
 class PeerProtocolError(Exception):
     """A peer sent something this node cannot accept."""
@@ -109,21 +107,27 @@ def _array_head(count: int) -> bytes:
     return b"\x9b" + count.to_bytes(8, "big")
 
 
-def frames_of(messages: list[dict], too_large) -> Iterator[bytes]:
+def frames_of(messages: list[dict], refuse) -> Iterator[bytes]:
     """Peer frames holding ``messages`` in order, each about FRAME_TARGET at most.
 
     Messages are encoded one by one, so a frame is cut exactly where it would grow too
-    big; a message that alone exceeds MAX_PEER_MESSAGE is replaced by what
-    ``too_large(msg, size)`` returns (an encoded message, or None to drop it).
+    big; a message that alone exceeds MAX_PEER_MESSAGE, or that cannot be encoded at
+    all (a bug: it must not cost the messages around it), is replaced by what
+    ``refuse(msg, error)`` returns (an encoded message, or None to drop it).
     """
     chunk: list[bytes] = []
     size = 0
     for msg in messages:
-        data: bytes | None = encode_message(msg)
-        if len(data) > MAX_PEER_MESSAGE - 16:
-            data = too_large(msg, len(data))
-            if data is None:
-                continue
+        try:
+            data: bytes | None = encode_message(msg)
+        except Exception as e:
+            data = refuse(msg, InternalError(f"an unencodable peer message: {e}"))
+        else:
+            if len(data) > MAX_PEER_MESSAGE - 16:
+                data = refuse(msg, TooLarge(
+                    f"a {len(data)}-byte peer message exceeds the limit of {MAX_PEER_MESSAGE}"))
+        if data is None:
+            continue
         if chunk and size + len(data) > FRAME_TARGET:
             yield _frame(chunk)
             chunk, size = [], 0

@@ -25,7 +25,7 @@ from autobahn.twisted.websocket import (
 )
 
 from swarm.connections import ConnectionTracker
-from swarm.errors import TooLarge
+from swarm.errors import SwarmError
 from swarm.logs import logger
 from swarm.mesh.link import PeerLink
 from swarm.mesh.overlay import Overlay
@@ -39,7 +39,7 @@ from swarm.mesh.peer_wire import (
     frames_of,
 )
 from swarm.mesh.session import PeerSession
-from swarm.protocol.wire import error_reply
+from swarm.protocol.wire import error_reply, request_id
 
 _log = logger(__name__)
 
@@ -107,19 +107,18 @@ class _PeerProtocolMixin:
         messages, self._outbox = self._outbox, None
         if not messages or self.state != self.STATE_OPEN:
             return
-        for frame in frames_of(messages, self._too_large):
+        for frame in frames_of(messages, self._refuse):
             self.sendMessage(frame, isBinary=True)
 
-    def _too_large(self, msg: dict, size: int) -> bytes | None:
-        """A message no peer would accept: answer with an error instead of sending it
-        (sending it would make the peer close the whole link)."""
-        error = TooLarge(f"a {size}-byte peer message exceeds the limit of {MAX_PEER_MESSAGE}")
+    def _refuse(self, msg: dict, error: SwarmError) -> bytes | None:
+        """A message no peer would accept (too large, or unencodable): answer with an
+        error instead of sending it (sending it would make the peer close the link)."""
         _log.warn("not sending to {peer}: {error}", peer=self.peer, error=error.message)
-        if msg["t"] == "rep":
+        if msg.get("t") == "rep":
             rid, rep = msg["rid"], msg["rep"]
-            return encode_message({"t": "rep", "rid": rid, "rep": error_reply(rep.get("id"), error)})
-        if msg["t"] == "req" and self.session.link is not None:
-            self.session.link.on_reply(msg["rid"], error_reply(msg["req"].get("id"), error))
+            return encode_message({"t": "rep", "rid": rid, "rep": error_reply(request_id(rep), error)})
+        if msg.get("t") == "req" and self.session.link is not None:
+            self.session.link.on_reply(msg["rid"], error_reply(request_id(msg["req"]), error))
         return None
 
 
