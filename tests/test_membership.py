@@ -16,6 +16,7 @@ from collections import Counter, deque
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from twisted.internet.task import Clock
 from hypothesis import strategies as st
 
 from swarm.mesh.link import PeerLink
@@ -342,9 +343,9 @@ def test_the_overlay_sends_the_reannouncement_back_to_the_holder_of_the_stale_on
     def link(owner: str, peer: str) -> PeerLink:
         return PeerLink(peer, lambda msgs: sent.append((owner, peer, msgs)), None)
 
-    n0 = Overlay("n0", "s", INC, None)
+    n0 = Overlay("n0", "s", INC, Clock())
     n0.membership.receive([Announcement("x", INC + 10, 9, ("z",))])  # x's first life
-    x = Overlay("x", "s", INC + 5, None)  # its second life, clock behind
+    x = Overlay("x", "s", INC + 5, Clock())  # its second life, clock behind
     to_x, to_n0 = link("n0", "x"), link("x", "n0")
     n0.link_up(to_x)
     x.link_up(to_n0)

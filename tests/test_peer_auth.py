@@ -12,6 +12,7 @@ from conftest import converged, on_asyncio, start_node, stop_all, until
 
 from swarm.mesh.auth import new_nonce
 from swarm.mesh.peer_wire import (
+    CLOSE_REFUSED,
     CLOSE_UNAUTHORIZED,
     MAX_HANDSHAKE_MESSAGE,
     PROTOCOL_VERSION,
@@ -170,3 +171,33 @@ async def test_open_peer_links_are_said_at_start_and_loudly_off_loopback():
         assert level == LogLevel.info and "need the swarm's secret" in text
     finally:
         await stop_all([open_node, closed_node])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_connection_that_never_completes_its_handshake_is_closed():
+    """Autobahn answers pings, so without a deadline a /peer socket that says nothing
+    (or a hello and no proof) would hold a connection for ever."""
+    a = await start_node(node_id="a", peer_secret=SECRET, handshake_timeout=1)
+
+    async def silent(*messages: dict) -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        async with websockets.connect(a.url + "/peer", open_timeout=5) as ws:
+            started = loop.time()
+            if messages:
+                await ws.send(encode_peer_frame(list(messages)))
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as e:
+                return (e.rcvd.code if e.rcvd else -1), loop.time() - started
+
+    try:
+        hello = {"t": "hello", "node": "slow", "proto": PROTOCOL_VERSION,
+                 "swarm": "swarmcache", "inc": 1, "nonce": new_nonce(), "auth": True}
+        (quiet, quiet_s), (no_proof, no_proof_s) = await on_asyncio(
+            asyncio.gather(silent(), silent(hello)))
+        assert (quiet, no_proof) == (CLOSE_REFUSED, CLOSE_UNAUTHORIZED)
+        assert 0.5 < quiet_s < 5 and 0.5 < no_proof_s < 5
+        assert a.overlay.neighbors == []
+    finally:
+        await stop_all([a])

@@ -197,6 +197,27 @@ def test_an_undecodable_frame_closes_with_4001_once(clock):
 
 # -- authentication (a shared secret) ------------------------------------------------------
 
+def test_a_peer_that_never_says_hello_is_refused_at_the_handshake_deadline(clock):
+    end = End(overlay("a", clock))
+    end.session.start()
+    clock.advance(end.overlay.handshake_timeout - 0.1)
+    assert end.closed == []
+    clock.advance(0.1)
+    assert end.closed == [(CLOSE_REFUSED, "no hello within 10 s")]
+    assert end.failed == [] and end.session.state is State.CLOSING
+    end.session.connection_lost("closed")
+    assert end.failed == ["no hello within 10 s"]  # a dialler backs off
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_linked_session_has_no_handshake_deadline_left(clock):
+    ea, eb = connect(overlay("a", clock), overlay("b", clock))
+    assert ea.session._deadline is None and eb.session._deadline is None
+    clock.advance(60)
+    assert ea.closed == eb.closed == [] and ea.session.state is State.LINKED
+
+
+
 SECRET, OTHER = b"s" * 32, b"o" * 32
 
 
@@ -207,6 +228,16 @@ def test_with_one_secret_both_ends_prove_it_and_link(clock):
         assert end.session.state is State.LINKED and end.closed == []
         assert end.trusted == [State.LINKED]  # large frames allowed only now
     assert a.membership.reachable == b.membership.reachable == {"a", "b"}
+
+
+def test_a_peer_that_says_hello_but_never_proves_is_refused_with_4004(clock):
+    a = End(overlay("a", clock, secret=SECRET))
+    a.session.start()
+    a.feed(hello("b", "s", 1, new_nonce(), True))
+    assert a.session.state is State.AWAIT_AUTH
+    clock.advance(a.overlay.handshake_timeout)
+    assert a.closed == [(CLOSE_UNAUTHORIZED, "no proof (auth) within 10 s")]
+    assert a.overlay.neighbors == []
 
 
 def test_the_link_waits_for_the_proof_and_reads_nothing_before_it(clock):

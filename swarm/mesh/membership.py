@@ -17,14 +17,21 @@ Announcements of unreachable nodes are kept (one per node id, replaced by newer 
 updates arriving out of order never lose a node. A stopping node announces ``leaving``:
 it still relays, but no longer owns keys (:attr:`Membership.owners`).
 
-Pure logic: no I/O, no clock; the overlay feeds it and floods what it returns.
+Every announcement that is news costs a view computation and a flood, so a peer that
+sends them as fast as it can would burn the CPU of the whole swarm. Because the newest
+version of each node wins, announcements over a link's budget lose nothing by waiting:
+:class:`AnnouncementGate` keeps the newest pending one of each node and lets the overlay
+apply them together, one computation and one flood for the lot.
+
+Pure logic: no I/O, no clock (times are passed in); the overlay feeds it and floods what
+it returns.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 #: The largest incarnation or sequence number on the wire (CBOR's unsigned 64 bits).
@@ -118,6 +125,8 @@ class Membership:
         }
         self.hops: dict[str, int] = {}
         self._next_hop: dict[str, str] = {}
+        #: View computations so far (each a breadth-first search over the map).
+        self.computations = 0
         self._recompute()
 
     # -- inputs ---------------------------------------------------------------------
@@ -191,6 +200,7 @@ class Membership:
     # -- the view -------------------------------------------------------------------
 
     def _recompute(self) -> None:
+        self.computations += 1
         db = self._db
         hops = {self.self_id: 0}
         next_hop: dict[str, str] = {}
@@ -237,3 +247,118 @@ class Membership:
             for node, hops in sorted(self.hops.items(), key=lambda kv: (kv[1], kv[0]))
         ]
 
+
+# -- the rate bound ---------------------------------------------------------------------
+
+#: Applications of announcements (each a view computation and a flood) one peer's link
+#: may cause at once: a join, a leave, a link flap or the database exchange of a new
+#: link (one message, up to MAX_NODES announcements) take a handful, a swarm starting
+#: all at once a few dozen.
+BURST = 32
+#: Applications per second one peer's link may cause once its burst is spent: a held
+#: announcement waits at most 1 / RATE seconds (31 ms), which no one notices.
+RATE = 32.0
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second; times are passed in."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = float(burst), now
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        """Take one token if there is one."""
+        self._refill(now)
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is there (0: now)."""
+        self._refill(now)
+        return max(0.0, (1 - self._tokens) / self.rate)
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self._tokens >= self.burst
+
+
+class AnnouncementGate:
+    """The rate bound on the announcements of one peer's link, and what it holds back.
+
+    Per link (per peer id, spare connections included), not per announced node: the
+    link is what a flooding peer controls and pays for, while announced node ids cost
+    it nothing to invent, so a bucket per node would bound nothing. A flood on one link
+    delays only what arrives on that link, by at most 1 / rate, and every node applies
+    at most ``rate`` batches a second per link however its neighbours relay.
+
+    Each message whose announcements include news takes a token and is applied at once.
+    Without a token its news is held, the newest per node id (that is all membership
+    keeps anyway), until :meth:`release` hands the lot over as one batch. Messages with
+    no news cost no token. At most MAX_NODES node ids are held: more than the database
+    can hold at all; further new ids are dropped and counted.
+    """
+
+    def __init__(self, now: float, rate: float = RATE, burst: int = BURST) -> None:
+        self.bucket = TokenBucket(rate, burst, now)
+        self._held: dict[str, Announcement] = {}
+        #: Whether this link is over its budget: set when news is first held, cleared
+        #: when news is next applied without waiting (the flood is over).
+        self.coalescing = False
+        #: Over the current (or last) burst: messages held, batches released, and
+        #: announcements replaced by a newer one or dropped.
+        self.held_messages = self.released = self.replaced = self.dropped = 0
+        self.since = now
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def offer(self, anns: Iterable[Announcement], now: float,
+              is_news: Callable[[Announcement], bool]) -> list[Announcement] | None:
+        """The news among ``anns`` to apply now, or None when it was held (or when
+        there was none: then nothing waits either)."""
+        news = [a for a in anns if is_news(a)]
+        if not news:
+            return None
+        if not self._held and self.bucket.take(now):
+            self.coalescing = False
+            return news
+        if not self.coalescing:
+            self.coalescing, self.since = True, now
+            self.held_messages = self.released = self.replaced = self.dropped = 0
+        self.held_messages += 1
+        held = self._held
+        for ann in news:
+            old = held.get(ann.node)
+            if old is None and len(held) >= MAX_NODES:
+                self.dropped += 1
+            elif old is None:
+                held[ann.node] = ann
+            else:
+                self.replaced += 1
+                if ann.version > old.version:
+                    held[ann.node] = ann
+        return None
+
+    def due(self, now: float) -> float:
+        """Seconds until what is held may be released."""
+        return self.bucket.wait(now)
+
+    def release(self, now: float) -> list[Announcement]:
+        """What is held, as one batch, if a token is there (else nothing yet)."""
+        if not self._held or not self.bucket.take(now):
+            return []
+        self.released += 1
+        return self.drain()
+
+    def drain(self) -> list[Announcement]:
+        """What is held, token or not (the link is gone: nothing more will come)."""
+        held, self._held = list(self._held.values()), {}
+        return held

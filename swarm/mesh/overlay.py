@@ -35,9 +35,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from swarm.errors import InternalError, Timeout
 from swarm.logs import logger
 from swarm.mesh.link import PeerLink
-from swarm.mesh.membership import Announcement, Membership
+from swarm.mesh.membership import Announcement, AnnouncementGate, Membership
 from swarm.mesh.peer_wire import bye, hello
 from swarm.protocol.wire import error_reply, request_id
+
+#: Seconds a peer has, from the WebSocket opening, to say hello and give its proof
+#: (a connection that says nothing would otherwise stay open: Autobahn answers pings).
+HANDSHAKE_TIMEOUT = 10.0
 
 _log = logger(__name__)
 
@@ -56,14 +60,18 @@ class Overlay:
         on_view_change: Callable[[], None] = lambda: None,
         handle_request: RequestHandler | None = None,
         secret: bytes | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         """``handle_request`` answers the requests neighbors forward (the router's
         ``route_forwarded``); ``on_view_change`` hears of every change of the view;
         with a ``secret``, only peers that prove they hold it link
-        (:mod:`swarm.mesh.auth`)."""
+        (:mod:`swarm.mesh.auth`); a peer that has not said hello (and given its
+        proof) within ``handshake_timeout`` seconds of the connection opening is
+        closed."""
         self.node_id = node_id
         self.swarm_name = swarm_name
         self.secret = secret
+        self.handshake_timeout = handshake_timeout
         self.clock = clock
         self.membership = Membership(node_id, incarnation)
         self.on_view_change = on_view_change
@@ -78,6 +86,10 @@ class Overlay:
         #: Why the swarm refused this node's id (another live node has it), or None.
         self.conflict: str | None = None
         self._serving = 0  # forwarded requests received and not yet answered
+        #: The announcement rate bound of each linked peer, and the timer that releases
+        #: what it holds back.
+        self._gates: dict[str, AnnouncementGate] = {}
+        self._releases: dict[str, object] = {}
 
     # -- links ------------------------------------------------------------------------
 
@@ -140,6 +152,7 @@ class Overlay:
             return False
         del self._links[link.peer]
         self._incarnations.pop(link.peer, None)
+        self._forget_gate(link.peer)
         return True
 
     def part(self) -> None:
@@ -208,19 +221,62 @@ class Overlay:
         self._spread([ann] if ann else [], None, before)
 
     def receive_announcements(self, link: PeerLink, anns: list[Announcement]) -> None:
+        """Apply what is news in ``anns`` now, or, past the link's rate bound, soon
+        (:class:`~swarm.mesh.membership.AnnouncementGate`)."""
+        peer, now = link.peer, self.clock.seconds()
+        gate = self._gates.get(peer)
+        if gate is None:
+            gate = self._gates[peer] = AnnouncementGate(now)
+        news = gate.offer(anns, now, self.membership.is_news)
+        if news is not None:
+            self._apply(peer, news)
+        elif gate.holding and peer not in self._releases:
+            if gate.held_messages == 1:
+                _log.info("announcements from {peer} come faster than {rate}/s: "
+                          "coalescing them", peer=peer, rate=gate.bucket.rate)
+            self._releases[peer] = self.clock.callLater(gate.due(now), self._release, peer)
+
+    def _release(self, peer: str) -> None:
+        del self._releases[peer]
+        gate = self._gates.get(peer)
+        if gate is None:
+            return
+        now = self.clock.seconds()
+        held = gate.release(now)
+        if held:
+            self._apply(peer, held)
+        if gate.holding:
+            self._releases[peer] = self.clock.callLater(gate.due(now), self._release, peer)
+        elif gate.released == 1 or gate.bucket.full(now):
+            _log.info("announcements from {peer}: {messages} messages held back over "
+                      "{seconds:.1f} s, applied in {batches} batches", peer=peer,
+                      messages=gate.held_messages, batches=gate.released,
+                      seconds=now - gate.since)
+
+    def _forget_gate(self, peer: str) -> None:
+        """``peer``'s last link went: apply what it held back (it was news when it
+        came, and relayed news arrives only once), then drop its bound."""
+        gate = self._gates.pop(peer, None)
+        timer = self._releases.pop(peer, None)
+        if timer is not None:
+            timer.cancel()
+        if gate is not None and gate.holding:
+            self._apply(peer, gate.drain())
+
+    def _apply(self, peer: str, anns: list[Announcement]) -> None:
         before = self._view()
         conflicts, dropped = self.membership.self_conflicts, self.membership.dropped
-        self._spread(self.membership.receive(anns), link.peer, before)
+        self._spread(self.membership.receive(anns), peer, before)
         if self.membership.dropped > dropped:
             _log.warn("dropped announcements of {count} new nodes from {peer}: the swarm "
                       "map holds {most} nodes at most", count=self.membership.dropped - dropped,
-                      peer=link.peer, most=len(self.membership.announcements()))
+                      peer=peer, most=len(self.membership.announcements()))
         if self.membership.self_conflicts > conflicts:
             _log.warn(
                 "an announcement about {node} that this node did not make came via "
                 "{peer} ({count} so far): a restart with the clock behind, or another "
                 "node running with the same --node-id",
-                node=self.node_id, peer=link.peer, count=self.membership.self_conflicts,
+                node=self.node_id, peer=peer, count=self.membership.self_conflicts,
             )
 
     def _view(self) -> tuple[frozenset, frozenset]:
@@ -296,3 +352,4 @@ class Overlay:
     def receive_reply(self, link: PeerLink, msg: dict) -> None:
         if not link.on_reply(msg["rid"], msg["rep"]):
             _log.debug("late reply {rid} from {peer}", rid=msg["rid"], peer=link.peer)
+

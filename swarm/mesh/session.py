@@ -14,6 +14,9 @@ States, each with its own handler for what arrives::
     refused / protocol error in any of them --> CLOSING
     (connection_lost in any state ends in CLOSED)
 
+A peer still in AWAIT_HELLO or AWAIT_AUTH ``Overlay.handshake_timeout`` seconds after
+:meth:`PeerSession.start` is refused (4000 without a hello, 4004 without a proof).
+
 With a secret (``Overlay.secret``), a hello is answered with ``auth``, this node's
 proof that it holds the secret (:mod:`swarm.mesh.auth`), and the link comes up only
 once the peer's proof checks out: before that, nothing but the proof is accepted, and
@@ -116,6 +119,8 @@ class PeerSession:
         self._hello: dict | None = None
         #: Why this node closed the connection, when it did.
         self._refusal: str | None = None
+        #: The handshake's deadline (an IDelayedCall), from :meth:`start` to trust.
+        self._deadline = None
         self._handlers: dict[State, Callable[[dict], None]] = {
             State.AWAIT_HELLO: self._await_hello,
             State.AWAIT_AUTH: self._await_auth,
@@ -135,8 +140,24 @@ class PeerSession:
     # -- inputs -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """The connection is open: say who this node is."""
-        self._send([self.overlay.hello(self._nonce)])
+        """The connection is open: say who this node is, and give the peer
+        ``overlay.handshake_timeout`` seconds to do the same."""
+        overlay = self.overlay
+        self._deadline = overlay.clock.callLater(overlay.handshake_timeout, self._expired)
+        self._send([overlay.hello(self._nonce)])
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.state is State.AWAIT_HELLO:
+            self._refuse(CLOSE_REFUSED, f"no hello within {self.overlay.handshake_timeout:g} s")
+        elif self.state is State.AWAIT_AUTH:
+            self._refuse(CLOSE_UNAUTHORIZED,
+                         f"no proof (auth) within {self.overlay.handshake_timeout:g} s")
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def received(self, messages: list[dict]) -> None:
         """Messages from the peer, in order, already validated by peer_wire."""
@@ -164,6 +185,7 @@ class PeerSession:
             return
         was_linked = self.state in _CARRYING
         self.state = State.CLOSED
+        self._stop_deadline()
         try:
             if code == CLOSE_DUPLICATE_ID and self._refusal is None:
                 self.overlay.refused_as_duplicate(self._peer(), reason)
@@ -217,6 +239,7 @@ class PeerSession:
             return self._refuse(CLOSE_DUPLICATE_ID, reason)
         self.link = PeerLink(msg["node"], self._send_linked, overlay.clock)
         self.state = State.LINKED
+        self._stop_deadline()
         self._on_trusted()
         overlay.link_up(self.link, msg["inc"])
 
@@ -255,6 +278,7 @@ class PeerSession:
                   reason=reason)
         was_linked = self.state in _CARRYING
         self.state = State.CLOSING
+        self._stop_deadline()
         self._refusal = reason
         if was_linked:
             # at once: nothing more is routed over a link that is closing

@@ -177,7 +177,8 @@ class Options(usage.Options):
          "/health); past it new ones are closed at once.", _positive_int],
         ["handshake-timeout", None, DEFAULT_HANDSHAKE_TIMEOUT,
          "Seconds a connection may take to complete its HTTP request or WebSocket "
-         "handshake, and may idle between HTTP requests.", _timeout_seconds],
+         "handshake, and may idle between HTTP requests; a peer has as long again "
+         "to say hello and prove the secret.", _timeout_seconds],
         ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT,
          "Seconds a client connection may stay quiet (no frame from it, no reply to it, "
          "nothing being worked on) before it is closed with status 1000 'idle' (0: never).",
