@@ -377,9 +377,30 @@ def test_forwarded_requests_may_carry_internal_ops():
         0, stored=1)
     # and the ones a client may send are routed on as usual
     (kb,) = keys_of("b", node.placement)
-    node.router.route_forwarded({"id": 1, "op": "get", "key": kb, "junk": 1}, 3, 5)
-    assert node.forwarded[0].request == {"id": 1, "op": "get", "key": kb}
+    node.router.route_forwarded({"id": 1, "op": "mget", "keys": [kb], "junk": 1}, 3, 5)
+    assert node.forwarded[0].request == {"id": 1, "op": "mget", "keys": [kb]}
     assert node.forwarded[0].hops == 4
+
+
+def test_a_relay_sends_a_key_op_on_as_it_came_and_what_runs_here_is_checked():
+    node = Node()
+    (ka,) = keys_of("a", node.placement)
+    (kb,) = keys_of("b", node.placement)
+    bad = {"op": "set", "value": "v", "ttl": "soon", "junk": 1}
+    raw = dict(bad, id=1, key=kb)
+    d = node.router.route_forwarded(raw, 3, 5)
+    (call,) = node.forwarded
+    assert (call.node, call.hops) == ("b", 4)
+    assert call.request is raw  # not parsed here: b, the owner, checks it
+    reply = node.router.route_forwarded(dict(bad, id=2, key=ka), 3, 5)
+    assert reply["error"]["code"] == "bad_request" and not node.store.exists(ka)
+    # the way to b is lost and a now owns kb: the request is checked before it runs
+    call.reply.callback(err(1))
+    node.overlay.membership.set_links([])
+    node.router.view_changed()
+    node.clock.advance(0)
+    assert result_of(d)["error"]["code"] == "bad_request" and not node.store.exists(kb)
+    assert len(node.forwarded) == 1
 
 
 def test_an_exception_inside_a_command_is_an_internal_error_reply():

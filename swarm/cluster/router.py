@@ -35,7 +35,7 @@ from swarm.errors import (
 )
 from swarm.logs import logger
 from swarm.protocol.ops import OPS, Kind, Op, ops_of
-from swarm.protocol.wire import RequestParser, error_reply, ok_reply, request_id
+from swarm.protocol.wire import RequestParser, error_reply, ok_reply, request_id, valid_id
 
 _log = logger(__name__)
 
@@ -162,12 +162,34 @@ class QueryRouter:
     def route_forwarded(
         self, raw: Any, timeout: float, hops: int, to: str | None = None
     ) -> dict | Deferred:
-        """A request a neighbor forwarded: validated again, then routed on."""
+        """A request a neighbor forwarded: validated again, then routed on; or, when
+        this node is a relay on the way to the key's primary, sent on as it came (the
+        primary validates it: checking it at every hop would cost each relay as much
+        as running it)."""
+        relay = self._relayed_key_op(raw, to)
+        if relay is not None:
+            op, owner = relay
+            return _answering(raw, self._forward_key_op, op, owner, raw, timeout, hops,
+                              self.route_forwarded)
         try:
             request = self._peer_parser.parse(raw)
         except SwarmError as e:
             return error_reply(request_id(raw), e)
         return self.route(request, timeout, hops, to)
+
+    def _relayed_key_op(self, raw: Any, to: str | None) -> tuple[Op, str] | None:
+        """The op and the primary of a forwarded single-key read or write that runs
+        elsewhere, checked only as far as routing needs; None for anything else."""
+        if to is not None or not isinstance(raw, dict) or not valid_id(raw.get("id", _NO_ID)):
+            return None
+        name, key = raw.get("op"), raw.get("key")
+        op = _RELAYED.get(name) if isinstance(name, str) else None
+        if op is None or not isinstance(key, str) or not key:
+            return None
+        owner = self._runner(op, key)
+        if owner == self.node_id or owner != self.placement.primary(key):
+            return None
+        return op, owner
 
     def route(
         self, request: dict, timeout: float, hops: int, to: str | None = None
@@ -221,7 +243,8 @@ class QueryRouter:
         return self._forward_key_op(op, node, request, timeout, hops)
 
     def _forward_key_op(
-        self, op: Op, owner: str, request: dict, timeout: float, hops: int
+        self, op: Op, owner: str, request: dict, timeout: float, hops: int,
+        again: Callable[..., dict | Deferred] | None = None,
     ) -> Deferred:
         """Forward a key op toward ``owner``; when the way there is lost while the
         request is on it (the owner or a relay died, and the view changed since), a
@@ -231,17 +254,19 @@ class QueryRouter:
         with where it entered, so if the first attempt runs too (the node was frozen,
         not dead), both are the same write, and neither overtakes a later one. Other
         writes (``incr``, ``set`` with ``nx``/``xx``) are not sent again: run twice,
-        they could count twice or answer wrong."""
+        they could count twice or answer wrong. ``again`` routes it anew
+        (:meth:`route`, or :meth:`route_forwarded` for a request not validated here)."""
+        again = again or self.route
         d = self._forward(owner, request, timeout, hops)
         if not op.resend(request):
             return d
-        d = self._rerouted_when_lost(owner, request, timeout, hops, d)
+        d = self._rerouted_when_lost(owner, request, timeout, hops, d, again)
         if op.kind is Kind.READ and self.replicas > 1 and timeout > SUSPECT_AFTER:
-            d = self._hedged(owner, request, timeout, hops, d)
+            d = self._hedged(owner, request, timeout, hops, d, again)
         return d
 
     def _rerouted_when_lost(self, owner: str, request: dict, timeout: float, hops: int,
-                            d: Deferred) -> Deferred:
+                            d: Deferred, route: Callable[..., dict | Deferred]) -> Deferred:
         clock, membership = self.overlay.clock, self.overlay.membership
         sent, placement, via = clock.seconds(), self.placement, membership.next_hop(owner)
 
@@ -250,7 +275,7 @@ class QueryRouter:
             if left <= 0 or (self.placement is placement and membership.next_hop(owner) == via):
                 return reply  # the same way again would meet the same end
             self.retried += 1
-            return self.route(request, left, hops)
+            return route(request, left, hops)
 
         def lost(reply: dict) -> dict | Deferred:
             if reply.get("ok") or (reply.get("error") or {}).get("code") != "unavailable":
@@ -261,7 +286,7 @@ class QueryRouter:
         return d.addCallback(lost)
 
     def _hedged(self, owner: str, request: dict, timeout: float, hops: int,
-                d: Deferred) -> Deferred:
+                d: Deferred, route: Callable[..., dict | Deferred]) -> Deferred:
         """``d``'s reply, unless ``owner`` gives none in SUSPECT_AFTER: then the read
         goes to the next owner too (``owner`` is suspect), and the first good reply
         wins (an error only once neither can give a good one)."""
@@ -290,7 +315,7 @@ class QueryRouter:
             self.hedged += 1
             _log.info("no answer from {node} in {after} s: it is suspect, reads go to "
                       "the next owner", node=owner, after=SUSPECT_AFTER)
-            other = _deferred(self.route(request, timeout - SUSPECT_AFTER, hops))
+            other = _deferred(route(request, timeout - SUSPECT_AFTER, hops))
             pending.append(other)
             other.addCallback(settle, other)
 
@@ -420,6 +445,12 @@ class QueryRouter:
 
     def handle_owner(self, request: dict) -> dict:
         return {"nodes": list(self.placement.owners(request["key"]))}
+
+
+#: Ops a relay sends on without validating them (see route_forwarded).
+_RELAYED = {op.name: op for op in OPS.values()
+            if op.kind in (Kind.READ, Kind.WRITE) and not op.multi_key}
+_NO_ID = object()
 
 
 def _deferred(result: dict | Deferred) -> Deferred:

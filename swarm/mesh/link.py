@@ -7,6 +7,12 @@ is ever left hanging. What this class adds is the peer wire's ``req`` message an
 rule that a call never fails: every failure becomes an error reply for the caller to
 pass on. No I/O: frames go out through the injected ``send``, time comes from the
 injected clock.
+
+Calls made in one reactor turn with the same deadline, hops and address go out as one
+``breq`` when the peer takes them (its hello said ``batch``): one tag, one deadline and
+one message for the whole group, answered by ``brep`` messages that each settle a run of
+the group's callers, in order. A client's batch of 256 gets for keys of one owner so
+costs each hop one message instead of 256. A lone call still goes as a plain ``req``.
 """
 
 from __future__ import annotations
@@ -14,29 +20,49 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from swarm.correlate import Correlator
 from swarm.errors import SwarmError, Timeout, Unavailable
-from swarm.protocol.wire import error_reply
+from swarm.protocol.wire import error_reply, request_id
+
+#: The most calls one ``breq`` carries (a client's batch may hold 10,000).
+MAX_GROUP = 1024
+
+_Group = tuple[int, int, "str | None"]  # (ms, hops, to)
 
 
 class PeerLink:
-    """One connection to one neighbor; ``peer`` is the neighbor's node id."""
+    """One connection to one neighbor; ``peer`` is the neighbor's node id.
+
+    ``batches`` says whether the peer takes ``breq`` (see the module docstring)."""
 
     def __init__(
-        self, peer: str, send: Callable[[list[dict]], None], clock: IReactorTime
+        self, peer: str, send: Callable[[list[dict]], None], clock: IReactorTime,
+        batches: bool = False,
     ) -> None:
         self.peer = peer
+        self.batches = batches
         self._send = send
+        self._clock = clock
         self._calls = Correlator(clock)
+        #: Calls of this turn not sent yet: (ms, hops, to) -> [(request, Deferred)].
+        self._queued: dict[_Group, list[tuple[dict, Deferred]]] = {}
+        self._queued_count = 0
+        self._flush_call: IDelayedCall | None = None
+        #: Groups sent and not fully answered: rid -> the callers' Deferreds, each
+        #: replaced by None once answered.
+        self._groups: dict[int, list[Deferred | None]] = {}
 
     @property
     def pending(self) -> int:
-        return self._calls.pending
+        return self._calls.pending + self._queued_count
 
     def send(self, messages: list[dict]) -> None:
+        """Send ``messages`` after the calls queued before them (order is kept: no
+        request made before a ``bye`` follows it)."""
+        self.flush()
         self._send(messages)
 
     def call(
@@ -47,14 +73,69 @@ class PeerLink:
         ``to`` addresses the request to one node rather than to the key's owner. The
         timeout is kept to within :data:`swarm.correlate.SLACK` (late, never early).
         """
-        rid, d = self._calls.expect(timeout, self._timed_out)
+        ms = max(0, int(timeout * 1000))
+        if not self.batches:
+            return self._call_one(request, ms, hops, to)
+        d = Deferred()
+        self._queued.setdefault((ms, hops, to), []).append((request, d))
+        self._queued_count += 1
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
+        return d
+
+    def flush(self) -> None:
+        """Send the calls queued in this turn: a ``breq`` per group of up to
+        :data:`MAX_GROUP`, a plain ``req`` for a call alone in its group."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._queued:
+            return
+        queued, self._queued, self._queued_count = self._queued, {}, 0
+        messages = []
+        for (ms, hops, to), calls in queued.items():
+            for start in range(0, len(calls), MAX_GROUP):
+                part = calls[start:start + MAX_GROUP]
+                if len(part) == 1:
+                    request, d = part[0]
+                    self._call_one(request, ms, hops, to, messages).chainDeferred(d)
+                else:
+                    messages.append(self._group_message(part, ms, hops, to))
+        self._send(messages)
+
+    def _call_one(self, request: dict, ms: int, hops: int, to: str | None,
+                  into: list | None = None) -> Deferred:
+        rid, d = self._calls.expect(ms / 1000, self._timed_out)
         d.addErrback(self._error_reply, request)
-        msg = {"t": "req", "rid": rid, "ms": max(0, int(timeout * 1000)), "hops": hops,
-               "req": request}
+        msg = {"t": "req", "rid": rid, "ms": ms, "hops": hops, "req": request}
         if to is not None:
             msg["to"] = to
-        self._send([msg])
+        if into is None:
+            self._send([msg])
+        else:
+            into.append(msg)
         return d
+
+    def _group_message(self, calls: list[tuple[dict, Deferred]], ms: int, hops: int,
+                       to: str | None) -> dict:
+        rid, d = self._calls.expect(ms / 1000, self._timed_out)
+        waiting: list[Deferred | None] = [caller for _, caller in calls]
+        requests = [request for request, _ in calls]
+        self._groups[rid] = waiting
+        d.addErrback(self._group_failed, rid, requests)
+        msg = {"t": "breq", "rid": rid, "ms": ms, "hops": hops, "reqs": requests}
+        if to is not None:
+            msg["to"] = to
+        return msg
+
+    def _group_failed(self, failure: Failure, rid: int, requests: list[dict]) -> None:
+        """The group timed out or the link went: its callers not yet answered get
+        the error."""
+        waiting = self._groups.pop(rid, None) or []
+        for caller, request in zip(waiting, requests):
+            if caller is not None:
+                caller.callback(self._error_reply(failure, request))
 
     def _timed_out(self) -> Timeout:
         return Timeout(f"no reply from {self.peer} in time")
@@ -64,11 +145,39 @@ class PeerLink:
             error: SwarmError = failure.value
         else:
             error = Unavailable(f"request to {self.peer} failed: {failure.value}")
-        return error_reply(request.get("id"), error)
+        return error_reply(request_id(request), error)
 
     def on_reply(self, rid: int, reply: dict) -> bool:
         """Deliver a reply; False when nothing waits for it (late or unknown)."""
         return self._calls.resolve(rid, reply)
 
+    def on_group_reply(self, rid: int, at: int, replies: list[dict]) -> bool:
+        """Deliver the replies to calls ``at`` ... of group ``rid``; False when nothing
+        waits for them (late, unknown, or out of the group's range)."""
+        waiting = self._groups.get(rid)
+        if waiting is None or at + len(replies) > len(waiting):
+            return False
+        for i, reply in enumerate(replies, at):
+            caller = waiting[i]
+            if caller is not None:
+                waiting[i] = None
+                caller.callback(reply)
+        if all(caller is None for caller in waiting):
+            del self._groups[rid]
+            self._calls.resolve(rid, None)
+        return True
+
     def fail_all(self, reason: str) -> None:
+        self._drop_queued(reason)
         self._calls.fail_all(Unavailable(reason))
+
+    def _drop_queued(self, reason: str) -> None:
+        """Fail the calls still queued (the link went before they left)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        queued, self._queued, self._queued_count = self._queued, {}, 0
+        error = Failure(Unavailable(reason))
+        for calls in queued.values():
+            for request, d in calls:
+                d.callback(self._error_reply(error, request))

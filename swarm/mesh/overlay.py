@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from swarm.errors import InternalError, Timeout
 from swarm.logs import logger
@@ -320,27 +321,52 @@ class Overlay:
         return links[0].call(request, timeout, hops, to=node if addressed else None)
 
     def receive_request(self, link: PeerLink, msg: dict) -> None:
-        rid, request = msg["rid"], msg["req"]
-        timeout = msg["ms"] / 1000.0
-        if timeout <= 0:
-            error = Timeout("the request's deadline passed on the way")
-            reply = succeed(error_reply(request_id(request), error))
-        else:
-            reply = maybeDeferred(
-                self.handle_request, request, timeout, msg["hops"], msg.get("to")
-            )
+        rid = msg["rid"]
 
-        def failed(failure) -> dict:
+        def answer(rep: dict) -> None:
+            link.send([{"t": "rep", "rid": rid, "rep": rep}])
+
+        self._serve(msg, [msg["req"]], lambda reps: answer(reps[0]))
+
+    def receive_group(self, link: PeerLink, msg: dict) -> None:
+        """A ``breq``: its requests run side by side, answered by one ``brep``."""
+        rid, at = msg["rid"], msg.get("at", 0)
+        self._serve(msg, msg["reqs"], lambda reps: link.send(
+            [{"t": "brep", "rid": rid, "at": at, "reps": reps}]))
+
+    def _serve(self, msg: dict, requests: list, answer: Callable[[list[dict]], None]) -> None:
+        """Run forwarded ``requests`` (with ``msg``'s deadline, hops and address), then
+        ``answer`` their replies in order, once all are in."""
+        timeout, hops, to = msg["ms"] / 1000.0, msg["hops"], msg.get("to")
+        replies: list = [None] * len(requests)
+        left = len(requests)
+        self._serving += 1
+
+        def settle(rep: dict, i: int) -> None:
+            nonlocal left
+            replies[i] = rep
+            left -= 1
+            if not left:
+                self._serving -= 1
+                answer(replies)
+
+        def failed(failure, request) -> dict:
             _log.failure("forwarded request failed", failure)
             return error_reply(request_id(request), InternalError("internal error"))
 
-        def answer(rep: dict) -> None:
-            self._serving -= 1
-            link.send([{"t": "rep", "rid": rid, "rep": rep}])
-
-        self._serving += 1
-        reply.addErrback(failed)
-        reply.addCallback(answer)
+        for i, request in enumerate(requests):
+            if timeout <= 0:
+                rep = error_reply(request_id(request),
+                                  Timeout("the request's deadline passed on the way"))
+            else:
+                try:
+                    rep = self.handle_request(request, timeout, hops, to)
+                except Exception:
+                    rep = failed(Failure(), request)
+            if isinstance(rep, Deferred):
+                rep.addErrback(failed, request).addCallback(settle, i)
+            else:
+                settle(rep, i)
 
     @property
     def busy(self) -> bool:
@@ -353,3 +379,7 @@ class Overlay:
         if not link.on_reply(msg["rid"], msg["rep"]):
             _log.debug("late reply {rid} from {peer}", rid=msg["rid"], peer=link.peer)
 
+    def receive_group_reply(self, link: PeerLink, msg: dict) -> None:
+        if not link.on_group_reply(msg["rid"], msg["at"], msg["reps"]):
+            _log.debug("late or stray group reply {rid} from {peer}", rid=msg["rid"],
+                       peer=link.peer)

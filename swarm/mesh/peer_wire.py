@@ -5,7 +5,8 @@ so batching many messages in one frame costs nothing extra. Each message has a t
 ``t``:
 
 ``hello``  ``node``, ``proto``, ``swarm``, ``inc``, ``nonce`` (random bytes), ``auth``
-           (whether the sender holds a secret) -- first message each way on a link
+           (whether the sender holds a secret), ``batch`` (whether it takes ``breq``)
+           -- first message each way on a link
 ``auth``   ``mac``: the sender's proof that it holds the swarm's secret, bound to both
            hellos (:mod:`swarm.mesh.auth`); sent after the peer's hello when secrets
            are in use, and nothing else is accepted until it checks out
@@ -13,6 +14,13 @@ so batching many messages in one frame costs nothing extra. Each message has a t
 ``req``    ``rid``, ``ms`` (time left), ``hops`` (hops left), ``req`` (a request),
            optional ``to`` (the node that must run it, else the key's owner does)
 ``rep``    ``rid``, ``rep`` (the reply to the ``req`` with that ``rid`` on this link)
+``breq``   ``rid``, ``ms``, ``hops``, optional ``to`` as in ``req``, and ``reqs``: up to
+           :data:`MAX_GROUP_REQUESTS` requests sharing them (:mod:`swarm.mesh.link`),
+           optional ``at`` (the index of the first of them in the group ``rid``, when
+           the group was cut into several messages); only to a peer whose hello said
+           ``batch``
+``brep``   ``rid``, ``at``, ``reps``: the replies to requests ``at`` ... of group ``rid``,
+           in order; a group is answered by one or more of them
 ``bye``    no fields -- the sender is stopping: route nothing more over this connection
            (as if it were down) but let the requests pending on it finish; a node that
            has not said ``bye`` itself answers with one. Messages on a connection are
@@ -64,6 +72,8 @@ CLOSE_UNAUTHORIZED = 4004
 #: seconds), and the most hops it may have left (the router starts at 32).
 MAX_REQUEST_MS = 24 * 3600 * 1000
 MAX_HOPS = 255
+#: The most requests a ``breq`` may carry (a node sends at most 1024 in one).
+MAX_GROUP_REQUESTS = 10_000
 
 class PeerProtocolError(Exception):
     """A peer sent something this node cannot accept."""
@@ -107,27 +117,25 @@ def _array_head(count: int) -> bytes:
     return b"\x9b" + count.to_bytes(8, "big")
 
 
+#: The list each splittable message carries: a group too large for one frame is cut.
+_GROUPED = {"breq": "reqs", "brep": "reps"}
+
+
 def frames_of(messages: list[dict], refuse) -> Iterator[bytes]:
     """Peer frames holding ``messages`` in order, each about FRAME_TARGET at most.
 
     Messages are encoded one by one, so a frame is cut exactly where it would grow too
-    big; a message that alone exceeds MAX_PEER_MESSAGE, or that cannot be encoded at
-    all (a bug: it must not cost the messages around it), is replaced by what
-    ``refuse(msg, error)`` returns (an encoded message, or None to drop it).
+    big; a ``breq`` or ``brep`` larger than FRAME_TARGET is cut in halves (their ``at``
+    says where each starts), so a group of large values neither passes the frame
+    limit nor holds up other messages; a message that alone exceeds MAX_PEER_MESSAGE,
+    or that cannot be encoded at all (a bug or a peer's odd value: it must not cost the
+    messages around it, nor a group's other members, as a group is cut down to the one
+    that fails), is replaced by what ``refuse(msg, error)`` returns (an encoded
+    message, or None to drop it).
     """
     chunk: list[bytes] = []
     size = 0
-    for msg in messages:
-        try:
-            data: bytes | None = encode_message(msg)
-        except Exception as e:
-            data = refuse(msg, InternalError(f"an unencodable peer message: {e}"))
-        else:
-            if len(data) > MAX_PEER_MESSAGE - 16:
-                data = refuse(msg, TooLarge(
-                    f"a {len(data)}-byte peer message exceeds the limit of {MAX_PEER_MESSAGE}"))
-        if data is None:
-            continue
+    for data in _encoded(messages, refuse):
         if chunk and size + len(data) > FRAME_TARGET:
             yield _frame(chunk)
             chunk, size = [], 0
@@ -135,6 +143,31 @@ def frames_of(messages: list[dict], refuse) -> Iterator[bytes]:
         size += len(data)
     if chunk:
         yield _frame(chunk)
+
+
+def _encoded(messages: list[dict], refuse) -> Iterator[bytes]:
+    work = list(reversed(messages))
+    while work:
+        msg = work.pop()
+        data: bytes | None = None
+        try:
+            data = encode_message(msg)
+            error = None if len(data) <= MAX_PEER_MESSAGE - 16 else TooLarge(
+                f"a {len(data)}-byte peer message exceeds the limit of {MAX_PEER_MESSAGE}")
+        except Exception as e:
+            error = InternalError(f"an unencodable peer message: {e}")
+        field = _GROUPED.get(msg.get("t"))
+        if field is not None and len(msg[field]) > 1 and (data is None or len(data) > FRAME_TARGET):
+            # in halves, down to the one request or reply that cannot go if there is one
+            items, at = msg[field], msg.get("at", 0)
+            half = len(items) // 2
+            work.append(dict(msg, at=at + half, **{field: items[half:]}))
+            work.append(dict(msg, at=at, **{field: items[:half]}))
+            continue
+        if error is not None:
+            data = refuse(msg, error)
+        if data is not None:
+            yield data
 
 
 def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
@@ -160,6 +193,14 @@ def _map(msg: dict, name: str) -> dict:
     v = msg.get(name)
     if not isinstance(v, dict):
         raise PeerProtocolError(f"{msg.get('t')}.{name} must be a map")
+    return v
+
+
+def _maps(msg: dict, name: str, most: int) -> list:
+    v = msg.get(name)
+    if not (isinstance(v, list) and 0 < len(v) <= most
+            and all(isinstance(item, dict) for item in v)):
+        raise PeerProtocolError(f"{msg.get('t')}.{name} must be an array of 1 to {most} maps")
     return v
 
 
@@ -196,8 +237,9 @@ def _check(msg: Any) -> dict:
         _str(msg, "node"), _str(msg, "swarm"), _int(msg, "proto"), _int(msg, "inc")
         if "nonce" in msg:  # nodes before issue 8 send none
             _bytes(msg, "nonce", NONCE_BYTES)
-        if not isinstance(msg.get("auth", False), bool):
-            raise PeerProtocolError("hello.auth must be a boolean")
+        for flag in ("auth", "batch"):
+            if not isinstance(msg.get(flag, False), bool):
+                raise PeerProtocolError(f"hello.{flag} must be a boolean")
     elif t == "auth":
         _bytes(msg, "mac", PROOF_BYTES)
     elif t == "lsa":
@@ -215,6 +257,16 @@ def _check(msg: Any) -> dict:
             _str(msg, "to")
     elif t == "rep":
         _int(msg, "rid"), _map(msg, "rep")
+    elif t == "breq":
+        _int(msg, "rid"), _int(msg, "ms", MAX_REQUEST_MS), _int(msg, "hops", MAX_HOPS)
+        _maps(msg, "reqs", MAX_GROUP_REQUESTS)
+        if "to" in msg:
+            _str(msg, "to")
+        if "at" in msg:
+            _int(msg, "at", MAX_GROUP_REQUESTS)
+    elif t == "brep":
+        _int(msg, "rid"), _int(msg, "at", MAX_GROUP_REQUESTS)
+        _maps(msg, "reps", MAX_GROUP_REQUESTS)
     elif t != "bye":
         raise PeerProtocolError(f"unknown peer message type {t!r}")
     return msg
@@ -223,7 +275,7 @@ def _check(msg: Any) -> dict:
 def hello(node: str, swarm: str, incarnation: int, nonce: bytes | None = None,
           auth: bool = False) -> dict:
     msg = {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
-           "inc": incarnation, "auth": auth}
+           "inc": incarnation, "auth": auth, "batch": True}
     if nonce is not None:
         msg["nonce"] = nonce
     return msg

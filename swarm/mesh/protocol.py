@@ -114,11 +114,18 @@ class _PeerProtocolMixin:
         """A message no peer would accept (too large, or unencodable): answer with an
         error instead of sending it (sending it would make the peer close the link)."""
         _log.warn("not sending to {peer}: {error}", peer=self.peer, error=error.message)
-        if msg.get("t") == "rep":
-            rid, rep = msg["rid"], msg["rep"]
-            return encode_message({"t": "rep", "rid": rid, "rep": error_reply(request_id(rep), error)})
-        if msg.get("t") == "req" and self.session.link is not None:
-            self.session.link.on_reply(msg["rid"], error_reply(request_id(msg["req"]), error))
+        t, link = msg.get("t"), self.session.link
+        if t == "rep":
+            return encode_message(dict(msg, rep=error_reply(request_id(msg["rep"]), error)))
+        if t == "brep":
+            return encode_message(dict(msg, reps=[
+                error_reply(request_id(rep), error) for rep in msg["reps"]]))
+        if link is not None:
+            if t == "req":
+                link.on_reply(msg["rid"], error_reply(request_id(msg["req"]), error))
+            elif t == "breq":
+                link.on_group_reply(msg["rid"], msg.get("at", 0), [
+                    error_reply(request_id(req), error) for req in msg["reqs"]])
         return None
 
 

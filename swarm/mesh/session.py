@@ -131,6 +131,8 @@ class PeerSession:
             "lsa": lambda link, msg: overlay.receive_announcements(link, msg["anns"]),
             "req": overlay.receive_request,
             "rep": overlay.receive_reply,
+            "breq": overlay.receive_group,
+            "brep": overlay.receive_group_reply,
             "bye": self._bye,
         }
 
@@ -237,7 +239,8 @@ class PeerSession:
         reason = overlay.identity_conflict(msg["node"], msg["inc"])
         if reason is not None:
             return self._refuse(CLOSE_DUPLICATE_ID, reason)
-        self.link = PeerLink(msg["node"], self._send_linked, overlay.clock)
+        self.link = PeerLink(msg["node"], self._send_linked, overlay.clock,
+                             batches=msg.get("batch", False))
         self.state = State.LINKED
         self._stop_deadline()
         self._on_trusted()
@@ -263,7 +266,7 @@ class PeerSession:
         self.state = State.PARTED
         self.overlay.link_parted(link)
         if answer:  # after all this node sent on it: no request of ours follows it
-            self._send([bye()])
+            link.send([bye()])
 
     # -- outputs ----------------------------------------------------------------------
 

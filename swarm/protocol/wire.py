@@ -379,12 +379,12 @@ def request_id(obj: Any) -> Any:
     """The id to echo for ``obj``: its own when valid, else null."""
     if isinstance(obj, dict):
         rid = obj.get("id")
-        if _valid_id(rid):
+        if valid_id(rid):
             return rid
     return None
 
 
-def _valid_id(rid: Any) -> bool:
+def valid_id(rid: Any) -> bool:
     if isinstance(rid, str):  # lone surrogates (JSON's "\\ud800"): no reply holds them
         try:
             utf8_size(rid)
@@ -484,7 +484,7 @@ class RequestParser:
         if not isinstance(obj, dict):
             raise BadRequest("a request must be an object")
         rid = obj.get("id")
-        if "id" not in obj or not _valid_id(rid):
+        if "id" not in obj or not valid_id(rid):
             raise BadRequest("a request needs an id that is an integer or a string")
         name = obj.get("op")
         if not isinstance(name, str):
