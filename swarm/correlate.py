@@ -85,12 +85,25 @@ class Correlator:
 
     def resolve(self, tag: int, reply: object) -> bool:
         """Fire the request waiting for ``tag``; False if none does (late or unknown)."""
-        d = self._waiting.pop(tag, None)
+        d = self._take(tag)
         if d is None:
             return False
-        self._removed()
         d.callback(reply)
         return True
+
+    def fail(self, tag: int, reason: BaseException | Failure) -> bool:
+        """Fail the request waiting for ``tag`` (it could not be sent); False if none does."""
+        d = self._take(tag)
+        if d is None:
+            return False
+        d.errback(reason)
+        return True
+
+    def _take(self, tag: int) -> Deferred | None:
+        d = self._waiting.pop(tag, None)
+        if d is not None:
+            self._removed()
+        return d
 
     def fail_all(self, reason: BaseException | Failure) -> None:
         """Fail every waiting request with ``reason``; later requests are unaffected."""
@@ -106,8 +119,7 @@ class Correlator:
     # -- deadlines -----------------------------------------------------------------------
 
     def _forget(self, tag: int) -> None:
-        if self._waiting.pop(tag, None) is not None:
-            self._removed()
+        self._take(tag)
 
     def _removed(self) -> None:
         waiting, deadlines = self._waiting, self._deadlines

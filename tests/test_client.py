@@ -12,6 +12,8 @@ from twisted.internet.defer import Deferred
 
 from swarm import errors
 from swarm.client.connection import (
+    AUTOBATCH_BYTES,
+    AUTOBATCH_COUNT,
     MAX_PAYLOAD,
     ConnectionClosed,
     RequestTracker,
@@ -37,10 +39,12 @@ class Sink:
         return decode_frame(payload, is_binary)
 
 
-def make_tracker(encoding="cbor", timeout=10.0):
+def make_tracker(encoding="cbor", timeout=10.0, autobatch=False):
     sink = Sink()
     clock = task.Clock()
-    return RequestTracker(sink, clock, encoding=encoding, timeout=timeout), sink, clock
+    tracker = RequestTracker(sink, clock, encoding=encoding, timeout=timeout,
+                             autobatch=autobatch)
+    return tracker, sink, clock
 
 
 def reply(tracker, obj, is_binary=True):
@@ -258,6 +262,175 @@ def test_a_send_that_raises_fails_the_request_and_forgets_it():
     assert batch[0].check(RuntimeError)
     assert tracker.pending == 0
     assert clock.getDelayedCalls() == []
+
+
+# -- autobatching: the requests of one turn leave as one frame ----------------------------
+
+
+def answer_all(tracker, sink, index=-1, is_binary=True):
+    """Answer every request of frame ``index`` with ok replies naming its id."""
+    frame = sink.decoded(index)
+    items = frame if isinstance(frame, list) else [frame]
+    replies = [{"id": item["id"], "ok": True, "found": True, "value": item["id"]}
+               for item in items]
+    reply(tracker, replies if isinstance(frame, list) else replies[0], is_binary)
+
+
+@pytest.mark.parametrize("encoding", ["cbor", "json"])
+def test_requests_of_one_turn_leave_as_one_batch_frame_in_order(encoding):
+    tracker, sink, clock = make_tracker(encoding, autobatch=True)
+    outs = [results(tracker.request("get", key=f"k{i}")) for i in range(5)]
+    assert sink.frames == [] and tracker.pending == 5
+    clock.advance(0)
+    assert len(sink.frames) == 1
+    frame = sink.decoded()
+    assert [item["key"] for item in frame] == [f"k{i}" for i in range(5)]
+    answer_all(tracker, sink, is_binary=encoding == "cbor")
+    assert [out[0]["value"] for out in outs] == [item["id"] for item in frame]
+    assert tracker.pending == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_lone_request_leaves_as_a_plain_frame_and_turns_do_not_mix():
+    tracker, sink, clock = make_tracker(autobatch=True)
+    first = results(tracker.request("get", key="a"))
+    clock.advance(0)
+    second = [results(tracker.request("get", key=k)) for k in "bc"]
+    clock.advance(0)
+    assert sink.decoded(0) == {"op": "get", "key": "a", "id": 1}
+    assert [item["key"] for item in sink.decoded(1)] == ["b", "c"]
+    answer_all(tracker, sink, 0)
+    assert first[0]["id"] == 1 and second == [[], []]
+
+
+def test_each_request_of_a_batch_frame_keeps_its_own_error():
+    tracker, sink, clock = make_tracker(autobatch=True)
+    good = results(tracker.request("get", key="k"))
+    bad = results(tracker.request("incr", key="s"))
+    clock.advance(0)
+    ids = [item["id"] for item in sink.decoded()]
+    reply(tracker, [
+        {"id": ids[0], "ok": True, "found": False, "value": None},
+        {"id": ids[1], "ok": False, "error": {"code": "not_integer", "message": "no"}},
+    ])
+    assert good[0]["found"] is False
+    assert bad[0].check(errors.NotInteger)
+
+
+def test_an_unencodable_request_fails_at_once_and_the_rest_still_go():
+    tracker, sink, clock = make_tracker(autobatch=True)
+    before = results(tracker.request("get", key="a"))
+    broken = results(tracker.request("set", key="k", value=object()))
+    after = results(tracker.request("get", key="b"))
+    assert broken[0].check(Exception)
+    clock.advance(0)
+    assert [item["key"] for item in sink.decoded()] == ["a", "b"]
+    answer_all(tracker, sink)
+    assert before and after and tracker.pending == 0
+
+
+def test_queued_requests_time_out_on_their_own_and_cancelled_ones_are_not_sent():
+    tracker, sink, clock = make_tracker(timeout=2.0, autobatch=True)
+    kept = results(tracker.request("get", key="kept"))
+    dropped = tracker.request("get", key="dropped")
+    dropped.addErrback(lambda f: f.trap(defer.CancelledError))
+    dropped.cancel()
+    clock.advance(0)
+    assert sink.decoded() == {"op": "get", "key": "kept", "id": 1}
+    clock.advance(2.0)
+    assert kept[0].check(errors.Timeout)
+    assert tracker.pending == 0 and clock.getDelayedCalls() == []
+
+
+def test_queued_frames_are_cut_by_count_and_by_size():
+    tracker, sink, clock = make_tracker(autobatch=True)
+    for i in range(AUTOBATCH_COUNT + 3):
+        tracker.request("get", key=f"k{i}")
+    big = "x" * (AUTOBATCH_BYTES // 3)
+    for i in range(4):
+        tracker.request("set", key=f"b{i}", value=big)
+    huge = results(tracker.request("set", key="huge", value="y" * (2 * AUTOBATCH_BYTES)))
+    clock.advance(0)
+    sizes = [len(frame) if isinstance(frame, list) else 1
+             for frame in (sink.decoded(i) for i in range(len(sink.frames)))]
+    assert sizes[0] == AUTOBATCH_COUNT
+    assert sum(sizes) == AUTOBATCH_COUNT + 3 + 4 + 1
+    assert all(len(payload) <= AUTOBATCH_BYTES + 1024 for payload, _ in sink.frames[:-1])
+    assert sink.decoded(-1)["key"] == "huge" and huge == []  # alone, as it would go anyway
+    keys = [item["key"] for i in range(len(sink.frames))
+            for item in (lambda f: f if isinstance(f, list) else [f])(sink.decoded(i))]
+    assert keys == [f"k{i}" for i in range(AUTOBATCH_COUNT + 3)] + [
+        f"b{i}" for i in range(4)] + ["huge"]
+
+
+def test_an_explicit_batch_leaves_after_the_requests_queued_before_it():
+    tracker, sink, clock = make_tracker(autobatch=True)
+    tracker.request("set", key="k", value=1)
+    tracker.batch([{"op": "get", "key": "k"}])
+    assert sink.decoded(0)["op"] == "set" and sink.decoded(1)[0]["op"] == "get"
+    clock.advance(0)
+    assert len(sink.frames) == 2
+
+
+def test_closing_with_requests_queued_fails_them_and_sends_nothing():
+    tracker, sink, clock = make_tracker(autobatch=True)
+    outs = [results(tracker.request("ping")) for _ in range(3)]
+    tracker.fail_all(ConnectionClosed("gone"))
+    assert all(out[0].check(ConnectionClosed) for out in outs)
+    clock.advance(0)
+    assert sink.frames == [] and clock.getDelayedCalls() == []
+
+
+def test_a_send_that_raises_fails_every_request_of_its_frame():
+    clock = task.Clock()
+
+    def send(payload, is_binary):
+        raise RuntimeError("socket gone")
+
+    tracker = RequestTracker(send, clock, autobatch=True)
+    outs = [results(tracker.request("ping")) for _ in range(3)]
+    clock.advance(0)
+    assert all(out[0].check(RuntimeError) for out in outs)
+    assert tracker.pending == 0 and clock.getDelayedCalls() == []
+
+
+# -- pipelines ----------------------------------------------------------------------------
+
+
+def test_a_pipeline_sends_its_ops_in_one_frame_and_lists_their_results():
+    tracker, sink, clock = make_tracker()
+    client = SwarmClient(tracker, lambda: defer.succeed(None))
+    pipe = client.pipeline()
+    pipe.get("a", default="none")
+    pipe.set("b", 2, ttl=5)
+    pipe.incr("s")
+    own = results(pipe.exists("c"))  # its own callback sees the result first
+    assert len(pipe) == 4 and sink.frames == []
+    done = results(pipe.execute())
+    assert len(pipe) == 0 and len(sink.frames) == 1
+    frame = sink.decoded()
+    assert [item["op"] for item in frame] == ["get", "set", "incr", "exists"]
+    assert frame[1]["ttl"] == 5
+    ids = [item["id"] for item in frame]
+    reply(tracker, [
+        {"id": ids[0], "ok": True, "found": False, "value": None},
+        {"id": ids[1], "ok": True, "stored": True},
+        {"id": ids[2], "ok": False, "error": {"code": "not_integer", "message": "no"}},
+        {"id": ids[3], "ok": True, "exists": True},
+    ])
+    assert own == [True]
+    assert done[0][:2] == ["none", True]
+    assert isinstance(done[0][2], errors.NotInteger)
+    assert done[0][3] is None  # like DeferredList: what the op's chain ended with
+    assert results(pipe.execute()) == [[]]
+
+
+def test_a_pipeline_that_times_out_fails_each_op_and_the_execute():
+    tracker, _, clock = make_tracker(timeout=1.0)
+    pipe = SwarmClient(tracker, lambda: defer.succeed(None)).pipeline()
+    one = results(pipe.ping())
+    done = results(pipe.execute())
+    clock.advance(1.0)
+    assert one[0].check(errors.Timeout) and done[0].check(errors.Timeout)
 
 
 class FakeNode:
@@ -642,3 +815,26 @@ def test_cbor2_and_json_are_what_the_client_sends():
     tracker, sink, _ = make_tracker("cbor")
     tracker.request("set", key="k", value=b"\x00")
     assert cbor2.loads(sink.frames[0][0])["value"] == b"\x00"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_node_answers_an_autobatched_turn_and_pipelines(node, encoding):
+    c = await SwarmClient.connect(node.url, reactor=reactor, encoding=encoding)
+    sent = []
+    send = c._requests._send
+    c._requests._send = lambda payload, is_binary: (sent.append(payload), send(payload, is_binary))
+    try:
+        n = 300
+        assert await defer.gatherResults([c.set(f"ab{i}", i) for i in range(n)]) == [True] * n
+        assert len(sent) == 1
+        got = await defer.gatherResults([c.get(f"ab{i}") for i in range(n)] + [c.incr("ab0")])
+        assert got == list(range(n)) + [1]
+        assert len(sent) == 2
+        pipe = c.pipeline()
+        pipe.set("pp", "v")
+        pipe.incr("pp")
+        stored, counted = await pipe.execute()
+        assert stored is True and isinstance(counted, errors.NotInteger)
+        assert len(sent) == 3
+    finally:
+        await c.close()

@@ -69,6 +69,18 @@ def test_an_unknown_duplicate_or_late_tag_is_refused_and_changes_nothing():
     assert_nothing_left(core, clock)
 
 
+def test_fail_fails_one_request_with_its_reason_and_refuses_its_reply():
+    core, clock = make()
+    (tag, d), (other, d2) = core.expect(5.0), core.expect(5.0)
+    out, out2 = outcome(d), outcome(d2)
+    assert core.fail(tag, Refused("not sent")) is True
+    assert out[0].check(Refused) and out2 == []
+    assert core.fail(tag, Refused("again")) is False
+    assert core.resolve(tag, "late") is False
+    assert core.resolve(other, "fine") is True and out2 == ["fine"]
+    assert_nothing_left(core, clock)
+
+
 def test_tags_are_never_reused_after_fail_all_or_timeouts():
     core, clock = make()
     seen = {core.expect(1.0)[0]}

@@ -2,8 +2,9 @@
 
 from swarm.client.connection import (
     ConnectionClosed,
+    Pipeline,
     RequestTracker,
     SwarmClient,
 )
 
-__all__ = ["ConnectionClosed", "RequestTracker", "SwarmClient"]
+__all__ = ["ConnectionClosed", "Pipeline", "RequestTracker", "SwarmClient"]

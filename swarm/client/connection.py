@@ -10,8 +10,10 @@ Two layers, as in magic-wormhole and Twisted AMP:
   :class:`SwarmClient` is the public face, built by :meth:`SwarmClient.connect`.
 
 Many requests may be in flight at once on one connection (pipelining); replies come back in
-any order and are matched by id. :meth:`SwarmClient.batch` sends many requests in one frame,
-which is where the throughput is.
+any order and are matched by id. Sending many requests in one frame is where the throughput
+is, so the client does it by itself: requests made in one reactor turn leave together, as one
+batch frame, when that turn ends (each caller still gets its own Deferred, timeout and
+error). :meth:`SwarmClient.batch` and :meth:`SwarmClient.pipeline` make a batch explicitly.
 
 With ``encoding="json"`` a byte-string value stored by a CBOR client comes back as
 ``{"$base64": "..."}``, as the wire layer encodes it; JSON cannot carry bytes.
@@ -24,7 +26,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from swarm.correlate import Correlator
@@ -32,7 +34,7 @@ from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.logs import logger
 from swarm.protocol.api import CacheOps
 from swarm.protocol.urls import client_endpoint
-from swarm.protocol.wire import decode_frame, encode_frame
+from swarm.protocol.wire import decode_frame, encode_frame, join_frame
 
 _log = logger(__name__)
 
@@ -41,6 +43,14 @@ _log = logger(__name__)
 MAX_PAYLOAD = 64 * 1024 * 1024
 
 ENCODINGS = {"cbor": True, "json": False}  # encoding -> frames are binary
+
+#: Requests queued in one turn leave in frames of at most AUTOBATCH_COUNT requests and
+#: about AUTOBATCH_BYTES: below the 64 KiB from which a node scans a frame before it
+#: decodes it, and far below any node's frame and batch limits (defaults 4 MiB and
+#: 10,000), so batching never makes a frame a node refuses that the requests alone
+#: would not be. A request larger than that goes in a frame of its own.
+AUTOBATCH_BYTES = 60 * 1024
+AUTOBATCH_COUNT = 1024
 
 
 class ConnectionClosed(Unavailable):
@@ -59,6 +69,11 @@ class RequestTracker:
     same core the peer links use; this class adds the client's frames, batches, and the
     rule that nothing is sent once the connection has gone. Nothing here touches a
     socket, so it is tested with a list and a ``task.Clock``.
+
+    With ``autobatch`` a request is encoded at once (a value that cannot be fails at
+    once) but sent by :meth:`flush`, which the clock runs at the end of the turn: the
+    requests of one turn leave in order, a lone one as a plain frame, several as batch
+    frames. A request cancelled or timed out before then is not sent.
     """
 
     def __init__(
@@ -67,19 +82,25 @@ class RequestTracker:
         clock: IReactorTime,
         encoding: str = "cbor",
         timeout: float | None = 10.0,
+        autobatch: bool = False,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}")
         self._send = send
+        self._clock = clock
         self._binary = ENCODINGS[encoding]
         self.encoding = encoding
         self.timeout = timeout
+        self.autobatch = autobatch
         self._calls = Correlator(clock)
         self._closed: Failure | None = None
+        #: Requests of this turn not sent yet: (id, encoded request, its Deferred).
+        self._queued: list[tuple[int, bytes, Deferred]] = []
+        self._flush_call: IDelayedCall | None = None
 
     @property
     def pending(self) -> int:
-        """How many requests are waiting for a reply."""
+        """How many requests are waiting for a reply (sent or queued)."""
         return self._calls.pending
 
     def _expect(self, what: str) -> tuple[int, Deferred[dict]]:
@@ -105,9 +126,54 @@ class RequestTracker:
         if self._closed is not None:
             return fail(self._closed)
         frame = dict(request)
-        frame["id"], d = self._expect(str(frame.get("op")))
-        why = self._transmit(frame, d)
-        return d if why is None else fail(why)
+        rid, d = self._expect(str(frame.get("op")))
+        frame["id"] = rid
+        if not self.autobatch:
+            why = self._transmit(frame, d)
+            return d if why is None else fail(why)
+        try:
+            data = encode_frame(frame, self._binary)
+        except Exception:
+            why = Failure()
+            self._calls.fail(rid, why)
+            return d
+        self._queued.append((rid, data, d))
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
+        return d
+
+    def flush(self) -> None:
+        """Send the requests queued so far (see the class docstring)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        queued, self._queued = self._queued, []
+        chunk: list[tuple[int, bytes, Deferred]] = []
+        size = 0
+        for item in queued:
+            if item[2].called:
+                continue  # cancelled or timed out while it waited
+            if chunk and (size + len(item[1]) > AUTOBATCH_BYTES
+                          or len(chunk) == AUTOBATCH_COUNT):
+                self._send_queued(chunk)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item[1])
+        if chunk:
+            self._send_queued(chunk)
+
+    def _send_queued(self, chunk: list[tuple[int, bytes, Deferred]]) -> None:
+        if len(chunk) == 1:
+            payload = chunk[0][1]
+        else:
+            payload = join_frame([data for _, data, _ in chunk], self._binary)
+        try:
+            self._send(payload, self._binary)
+        except Exception:
+            why = Failure()
+            for rid, _, _ in chunk:
+                self._calls.fail(rid, why)
 
     def request(self, op: str, **args: Any) -> Deferred[dict]:
         """Send ``{"op": op, **args}``; fire with the success reply or raise its error."""
@@ -123,6 +189,7 @@ class RequestTracker:
         """
         if self._closed is not None:
             return fail(self._closed)
+        self.flush()  # requests made before it leave before it
         frame = []
         for request in requests:
             if not isinstance(request, dict):
@@ -194,6 +261,10 @@ class RequestTracker:
             reason = Failure(reason)
         if self._closed is None:
             self._closed = reason
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._queued = []
         self._calls.fail_all(reason)
 
 
@@ -237,6 +308,7 @@ class SwarmClient(CacheOps):
         timeout: float | None = 10.0,
         connect_timeout: float = 10.0,
         ca: str | None = None,
+        autobatch: bool = True,
     ) -> Deferred[SwarmClient]:
         """Open a WebSocket to the node at ``url`` (``ws://host:port`` or ``wss://``).
 
@@ -244,7 +316,10 @@ class SwarmClient(CacheOps):
         when the node cannot be reached or refuses the handshake within
         ``connect_timeout`` seconds. ``timeout`` bounds each later request. A
         ``wss://`` node's certificate must be signed by a CA of the PEM file ``ca``
-        (default: the system's trust store) and name the URL's host.
+        (default: the system's trust store) and name the URL's host. ``autobatch``
+        sends the requests made in one reactor turn as one frame when the turn ends
+        (a node answers a batch frame once all its requests are done, so a quick
+        request waits for the slow ones of its turn); False sends each at once.
         """
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -259,6 +334,7 @@ class SwarmClient(CacheOps):
             return fail(Unavailable(f"cannot connect to {url}: {e}"))
         factory.encoding = encoding
         factory.request_timeout = timeout
+        factory.autobatch = autobatch
         factory.setProtocolOptions(
             maxMessagePayloadSize=MAX_PAYLOAD,
             maxFramePayloadSize=MAX_PAYLOAD,
@@ -313,6 +389,10 @@ class SwarmClient(CacheOps):
         """
         return self._requests.batch(requests)
 
+    def pipeline(self) -> Pipeline:
+        """A :class:`Pipeline`: op calls collected until ``execute()`` sends them in one frame."""
+        return Pipeline(self._requests)
+
     def close(self) -> Deferred[None]:
         """Close the connection; fires once it is closed.
 
@@ -320,6 +400,60 @@ class SwarmClient(CacheOps):
         """
         self._requests.fail_all(ConnectionClosed(f"connection to {self.url} closed by the client"))
         return self._closer()
+
+
+class Pipeline(CacheOps):
+    """Op calls (get, set, incr, ...) collected, then sent as one batch frame.
+
+    Each op method returns a Deferred that fires when :meth:`execute` has its reply,
+    as the same method of :class:`SwarmClient` would. ``execute()`` fires with every
+    op's result in order, with the :class:`~swarm.errors.SwarmError` instance in the
+    place of an op that failed (a batch mixes results: one failure must not hide the
+    rest). Like a ``DeferredList``, the list holds what each op's Deferred ends with,
+    after the callbacks added to it before ``execute()``; an error is not logged as
+    unhandled, since the list reports it. After ``execute()`` the pipeline is empty.
+    """
+
+    def __init__(self, requests: RequestTracker) -> None:
+        self._requests = requests
+        self._ops: list[tuple[dict, Deferred]] = []
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def request(self, op: str, **args: Any) -> Deferred[dict]:
+        request = {"op": op}
+        request.update(args)
+        d: Deferred[dict] = Deferred()
+        self._ops.append((request, d))
+        return d
+
+    def execute(self) -> Deferred[list]:
+        """Send the ops collected so far in one frame; fire with their results in order."""
+        ops, self._ops = self._ops, []
+        results: list[Any] = [None] * len(ops)
+
+        def keep(result: Any, index: int) -> None:
+            results[index] = result.value if isinstance(result, Failure) else result
+
+        for index, (_, d) in enumerate(ops):
+            d.addBoth(keep, index)
+
+        def answered(replies: list[dict]) -> list:
+            for (_, d), reply in zip(ops, replies):
+                if reply.get("ok") is True:
+                    d.callback(reply)
+                else:
+                    d.errback(error_from_wire(reply.get("error")))
+            return results
+
+        def failed(reason: Failure) -> Failure:
+            for _, d in ops:
+                d.errback(reason)
+            return reason
+
+        sent = self._requests.batch([request for request, _ in ops])
+        return sent.addCallbacks(answered, failed)
 
 
 # -- the Autobahn adapter ----------------------------------------------------------------
@@ -347,7 +481,8 @@ class _ClientProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         factory = self.factory
         self._requests = RequestTracker(
-            self._send, factory.reactor, factory.encoding, factory.request_timeout
+            self._send, factory.reactor, factory.encoding, factory.request_timeout,
+            factory.autobatch,
         )
         client = SwarmClient(self._requests, self._close, factory.url)
         _log.info("connected to {url}", url=factory.url)
@@ -394,3 +529,4 @@ class _ClientFactory(WebSocketClientFactory):
     opened: Deferred
     encoding = "cbor"
     request_timeout: float | None = 10.0
+    autobatch = True

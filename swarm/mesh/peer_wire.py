@@ -56,7 +56,7 @@ import cbor2
 from swarm.errors import InternalError, TooLarge
 from swarm.mesh.auth import NONCE_BYTES, PROOF_BYTES
 from swarm.mesh.membership import MAX_COUNTER, MAX_ID_BYTES, Announcement
-from swarm.protocol.wire import decode_cbor
+from swarm.protocol.wire import decode_cbor, join_frame
 
 #: 2: entries carry versions (issue 6), and links close in two phases (``bye``).
 PROTOCOL_VERSION = 2
@@ -104,17 +104,7 @@ def encode_peer_frame(messages: list[dict]) -> bytes:
 
 
 def _frame(encoded: list[bytes]) -> bytes:
-    return _array_head(len(encoded)) + b"".join(encoded)
-
-
-def _array_head(count: int) -> bytes:
-    """The CBOR head of an array of ``count`` items (major type 4)."""
-    if count < 24:
-        return bytes([0x80 + count])
-    for code, width in ((0x98, 1), (0x99, 2), (0x9A, 4)):
-        if count < 256**width:
-            return bytes([code]) + count.to_bytes(width, "big")
-    return b"\x9b" + count.to_bytes(8, "big")
+    return join_frame(encoded, True)
 
 
 #: The list each splittable message carries: a group too large for one frame is cut.

@@ -362,6 +362,25 @@ def encode_frame(obj: Any, is_binary: bool) -> bytes:
     return _json_encoder.encode(obj).encode("utf-8")
 
 
+def join_frame(encoded: list[bytes], is_binary: bool) -> bytes:
+    """One array frame of items each already encoded by :func:`encode_frame`.
+
+    Encoding items one by one tells their sizes before the frame is built, so a sender
+    can cut frames exactly where they would grow too big.
+    """
+    if not is_binary:
+        return b"[" + b",".join(encoded) + b"]"
+    count = len(encoded)
+    if count < 24:
+        head = bytes([0x80 + count])
+    else:
+        for code, width in ((0x98, 1), (0x99, 2), (0x9A, 4), (0x9B, 8)):
+            if count < 256**width:
+                head = bytes([code]) + count.to_bytes(width, "big")
+                break
+    return head + b"".join(encoded)
+
+
 # -- replies ----------------------------------------------------------------------------
 
 
