@@ -190,10 +190,16 @@ class Node:
     """One ``twistd swarmcache`` process per :meth:`start`, same id, port and peers
     each time, its output in ``workdir``; ``client`` connects to it once it answers."""
 
-    def __init__(self, workdir: Path, node_id: str, peers: list[str]) -> None:
+    def __init__(self, workdir: Path, node_id: str, peers: list[str],
+                 options: list[str] | None = None) -> None:
         self.workdir = workdir
         self.node_id = node_id
         self.peers = peers
+        #: options besides --port, --node-id and --peer (default: this benchmark's)
+        self.options = options if options is not None else [
+            "--replicas", str(REPLICAS), "--ping-interval", str(PING_INTERVAL),
+            "--ping-timeout", str(PING_TIMEOUT), "--request-timeout", str(REQUEST_TIMEOUT),
+        ]
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.client: SwarmClient | None = None
@@ -207,9 +213,7 @@ class Node:
     def start(self) -> None:
         options = [
             "--port", f"tcp:{self.port}:interface=127.0.0.1", "--node-id", self.node_id,
-            "--replicas", str(REPLICAS), "--ping-interval", str(PING_INTERVAL),
-            "--ping-timeout", str(PING_TIMEOUT), "--request-timeout", str(REQUEST_TIMEOUT),
-            *(f"--peer={url}" for url in self.peers),
+            *self.options, *(f"--peer={url}" for url in self.peers),
         ]
         root = str(Path(__file__).resolve().parent.parent)  # this checkout's swarm
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
