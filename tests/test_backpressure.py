@@ -326,6 +326,44 @@ def test_the_refused_batch_is_what_one_reply_per_item_would_encode(cbor):
         [error_reply(i, error) for i in range(30)], cbor)
 
 
+class EchoRouter:
+    """Answers a get with ``value`` (its key's length of 'v'), or an object no
+    encoder takes for the key ``unencodable``."""
+
+    def handle(self, request: dict) -> dict:
+        key = request["key"]
+        value: Any = object() if key == "unencodable" else "v" * 100
+        return {"id": request["id"], "ok": True, "found": True, "value": value}
+
+
+def _gets(keys: list[str]) -> bytes:
+    return cbor2.dumps([{"id": i, "op": "get", "key": k} for i, k in enumerate(keys)])
+
+
+def test_the_reply_budget_counts_encoded_bytes_exactly():
+    one = len(cbor2.dumps(EchoRouter().handle({"id": 0, "key": "k"})))  # 117 bytes
+    frames = FrameHandler(RequestParser(Limits(max_reply_bytes=3 * one)), EchoRouter())
+    reply, _ = frames.process(_gets(["k"] * 6), True)
+    replies = cbor2.loads(reply)
+    assert [r["ok"] for r in replies] == [True] * 3 + [False] * 3
+    assert replies[3]["error"]["code"] == "too_large" and replies[5]["id"] == 5
+    frames = FrameHandler(RequestParser(Limits(max_reply_bytes=3 * one - 1)), EchoRouter())
+    assert [r["ok"] for r in cbor2.loads(frames.process(_gets(["k"] * 6), True)[0])] == [
+        True] * 2 + [False] * 4
+
+
+@pytest.mark.parametrize("cbor", [True, False])
+def test_a_reply_that_cannot_be_encoded_costs_only_itself(cbor):
+    frames = FrameHandler(RequestParser(Limits()), EchoRouter())
+    batch = [{"id": i, "op": "get", "key": k} for i, k in enumerate(["a", "unencodable", "b"])]
+    reply, _ = frames.process(encode_frame(batch, cbor), cbor)
+    replies = cbor2.loads(reply) if cbor else json.loads(reply)
+    assert [r["ok"] for r in replies] == [True, False, True]
+    assert replies[1] == {"id": 1, "ok": False, "error": {
+        "code": "internal", "message": "reply could not be encoded"}}
+    assert replies[2]["value"] == "v" * 100
+
+
 def test_a_refused_batch_whose_reply_passes_the_reply_limit_closes_the_connection():
     frames = FrameHandler(RequestParser(Limits(max_batch=3, max_reply_bytes=2_000)),
                           router=None)

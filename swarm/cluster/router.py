@@ -186,8 +186,9 @@ class QueryRouter:
         op = _RELAYED.get(name) if isinstance(name, str) else None
         if op is None or not isinstance(key, str) or not key:
             return None
-        owner = self._runner(op, key)
-        if owner == self.node_id or owner != self.placement.primary(key):
+        owners = self.placement.owners(key)
+        owner = self._runner(op, owners)
+        if owner == self.node_id or owner != owners[0]:
             return None
         return op, owner
 
@@ -211,13 +212,13 @@ class QueryRouter:
             raise BadRequest(f"{op.name} must be addressed to a node")
         if op.multi_key:
             return self._fan_out(op, request, timeout, hops)
-        return self._run_part(op, self._runner(op, request["key"]), request, timeout, hops)
+        owners = self.placement.owners(request["key"])
+        return self._run_part(op, self._runner(op, owners), owners[0], request, timeout, hops)
 
-    def _runner(self, op: Op, key: str) -> str:
-        """Where an op on ``key`` runs: its primary, or for a read while the primary is
-        suspect, the first other owner that is not (and not filling, if it is this
-        node)."""
-        owners = self.placement.owners(key)
+    def _runner(self, op: Op, owners: tuple[str, ...]) -> str:
+        """Where an op on a key with these ``owners`` runs: its primary, or for a read
+        while the primary is suspect, the first other owner that is not (and not
+        filling, if it is this node)."""
         if op.kind is not Kind.READ or not self._suspects or owners[0] not in self._suspects:
             return owners[0]
         now = self.overlay.clock.seconds()
@@ -230,10 +231,10 @@ class QueryRouter:
                 return node
         return owners[0]
 
-    def _run_part(self, op: Op, node: str, request: dict, timeout: float,
+    def _run_part(self, op: Op, node: str, primary: str, request: dict, timeout: float,
                   hops: int) -> dict | Deferred:
-        """Run a request on keys that ``node`` answers for (see _runner)."""
-        primary = self.placement.primary(op.keys(request)[0])
+        """Run a request on keys that ``node`` answers for (see _runner) and whose
+        primary is ``primary``."""
         if node != primary:  # a backup standing in for a suspect primary
             if node == self.node_id:
                 return self._run_local(request)
@@ -346,12 +347,13 @@ class QueryRouter:
     def _fan_out(self, op: Op, request: dict, timeout: float, hops: int) -> dict | Deferred:
         """Split by owner, run the parts (here or forwarded), merge their results."""
         rid = request["id"]
-        primary = self.placement.primary
+        owners_of = self.placement.owners
         groups: dict[tuple[str, str], list[str]] = {}  # (runner, primary) -> keys
         for key in op.keys(request):
-            groups.setdefault((self._runner(op, key), primary(key)), []).append(key)
-        replies = [self._run_part(op, node, op.part(request, keys), timeout, hops)
-                   for (node, _), keys in groups.items()]
+            owners = owners_of(key)
+            groups.setdefault((self._runner(op, owners), owners[0]), []).append(key)
+        replies = [self._run_part(op, node, primary, op.part(request, keys), timeout, hops)
+                   for (node, primary), keys in groups.items()]
 
         def merge(replies: list[dict]) -> dict:
             for reply in replies:

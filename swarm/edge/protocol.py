@@ -24,9 +24,11 @@ from swarm.logs import logger
 from swarm.node.config import NodeConfig
 from swarm.protocol.wire import (
     RequestParser,
+    cbor_array_head,
     decode_frame,
     encode_frame,
     error_reply,
+    join_frame,
     request_id,
     weigh,
 )
@@ -101,7 +103,7 @@ class FrameHandler:
         refusal = CloseConnection(CLOSE_TOO_BIG, f"{error.message}; this one holds {len(batch)}")
         if len(batch) * (len(head) + len(null) + len(tail)) > budget:
             raise refusal  # before a byte of it is built
-        out = bytearray(_cbor_array_head(len(batch)) if is_binary else b"[")
+        out = bytearray(cbor_array_head(len(batch)) if is_binary else b"[")
         for i, obj in enumerate(batch):
             if i and not is_binary:
                 out += b","
@@ -115,17 +117,6 @@ class FrameHandler:
             out += b"]"
         return bytes(out)
 
-    def _within_budget(self, replies: list) -> None:
-        """Replace the replies that would take the frame past max_reply_bytes."""
-        budget = self.parser.limits.max_reply_bytes
-        spent = 0
-        for i, reply in enumerate(replies):
-            spent += weigh(reply, budget - spent)
-            if spent > budget:
-                replies[i] = error_reply(reply.get("id"), TooLarge(
-                    f"the reply would take more than {budget} bytes; ask for less at once"
-                ))  # and so does every reply after it: spent stays over budget
-
     def _handle_one(self, obj: Any) -> dict | Deferred:
         try:
             request = self.parser.parse(obj)
@@ -134,26 +125,53 @@ class FrameHandler:
         return self.router.handle(request)
 
     def _encode(self, replies: list, is_batch: bool, is_binary: bool) -> bytes:
-        self._within_budget(replies)
+        """The reply frame, at most about ``max_reply_bytes`` long.
+
+        Replies are encoded one by one, so the frame's size is counted in encoded bytes
+        as it grows; from the reply that would take it past the limit on, each is
+        replaced by ``too_large``, and a reply that cannot be encoded by
+        ``internal_error``, costing none of the others. A single-key reply is as big as
+        one value (``--max-value-size``), but one holding many (``mget``) could be far
+        bigger than the limit, so a reply that carries a container is first weighed
+        (:func:`weigh`, a walk that stops at the budget) before it is encoded.
+        """
+        budget = self.parser.limits.max_reply_bytes
+        spent = 0
+        parts = []
+        for reply in replies:
+            data = None
+            if spent <= budget and (not _holds_container(reply)
+                                    or weigh(reply, budget - spent) <= budget - spent):
+                data = self._encode_one(reply, is_binary)
+                if spent + len(data) > budget:
+                    data = None
+            if data is None:
+                spent = budget + 1  # every reply after it is refused too
+                data = encode_frame(error_reply(request_id(reply), TooLarge(
+                    f"the reply would take more than {budget} bytes; ask for less at once"
+                )), is_binary)
+            else:
+                spent += len(data)
+            parts.append(data)
+        return join_frame(parts, is_binary) if is_batch else parts[0]
+
+    @staticmethod
+    def _encode_one(reply: dict, is_binary: bool) -> bytes:
         try:
-            return encode_frame(replies if is_batch else replies[0], is_binary)
+            return encode_frame(reply, is_binary)
         except Exception:
             _log.failure("cannot encode a reply")
-            failed = [
-                error_reply(r.get("id"), InternalError("reply could not be encoded"))
-                for r in replies
-            ]
-            return encode_frame(failed if is_batch else failed[0], is_binary)
+            return encode_frame(
+                error_reply(request_id(reply), InternalError("reply could not be encoded")),
+                is_binary,
+            )
 
 
-def _cbor_array_head(length: int) -> bytes:
-    """The head of a definite-length CBOR array (major type 4) of ``length`` items."""
-    if length < 24:
-        return bytes([0x80 + length])
-    for extra, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if length < 1 << (8 * width):
-            return bytes([0x80 + extra]) + length.to_bytes(width, "big")
-    raise ValueError("array too long for CBOR")
+def _holds_container(reply: dict) -> bool:
+    for value in reply.values():  # a loop: any() over a generator costs twice as much
+        if isinstance(value, (list, dict)):
+            return True
+    return False
 
 
 class Connection(Protocol):

@@ -45,8 +45,8 @@ class Limits:
     max_key_bytes: int = 1024
     max_depth: int = 32
     max_batch: int = 10_000
-    #: A reply frame may weigh (see :func:`weigh`) about this much; replies past it
-    #: are answered ``too_large`` (a big ``mget``, a batch of large ``get``s).
+    #: A reply frame may take this many encoded bytes; the replies past it are
+    #: answered ``too_large`` (a big ``mget``, a batch of large ``get``s).
     max_reply_bytes: int = 64 * 1024 * 1024
 
 
@@ -370,15 +370,17 @@ def join_frame(encoded: list[bytes], is_binary: bool) -> bytes:
     """
     if not is_binary:
         return b"[" + b",".join(encoded) + b"]"
-    count = len(encoded)
+    return cbor_array_head(len(encoded)) + b"".join(encoded)
+
+
+def cbor_array_head(count: int) -> bytes:
+    """The head of a definite-length CBOR array (major type 4) of ``count`` items."""
     if count < 24:
-        head = bytes([0x80 + count])
-    else:
-        for code, width in ((0x98, 1), (0x99, 2), (0x9A, 4), (0x9B, 8)):
-            if count < 256**width:
-                head = bytes([code]) + count.to_bytes(width, "big")
-                break
-    return head + b"".join(encoded)
+        return bytes([0x80 + count])
+    for extra, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if count < 1 << (8 * width):
+            return bytes([0x80 + extra]) + count.to_bytes(width, "big")
+    raise ValueError("array too long for CBOR")
 
 
 # -- replies ----------------------------------------------------------------------------
