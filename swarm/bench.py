@@ -7,7 +7,8 @@ Run it::
     python -m swarm.bench --compare
 
 By default it starts nodes on 127.0.0.1 in this process, linked in a line A - B - C,
-waits until each sees all three, connects to A and measures ``get`` and ``set`` of
+waits until each sees all three and the owners' migration window has passed (about
+10 s, see :data:`SETTLE`), connects to A and measures ``get`` and ``set`` of
 100-byte values on keys owned by A (0 hops), by B (1 hop) and by C (2 hops) in these
 client modes:
 
@@ -47,10 +48,15 @@ from twisted.internet.task import deferLater, react
 
 from swarm import logs
 from swarm.client.connection import SwarmClient
+from swarm.cluster.router import MIGRATION_WINDOW
 from swarm.node.node import SwarmNode
 
 VALUE = "v" * 100
 KEYS_PER_OWNER = 1000
+#: Seconds to wait once the views are complete, before measuring: for this long after
+#: a change of view an owner asks the previous owners for the keys it serves (their
+#: migration window), which a benchmark of steady state must not count.
+SETTLE = MIGRATION_WINDOW + 0.5
 MODES = ("sequential", "pipelined", "auto", "batched", "conns")
 
 
@@ -97,6 +103,8 @@ async def start_nodes(reactor: Any, ids: list[str]) -> list[SwarmNode]:
         if reactor.seconds() > deadline:
             raise RuntimeError(f"{ids} did not converge within 15 s")
         await deferLater(reactor, 0.02, lambda: None)
+    if len(ids) > 1:
+        await deferLater(reactor, SETTLE, lambda: None)
     return nodes
 
 

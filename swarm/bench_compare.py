@@ -1,7 +1,8 @@
 """``python -m swarm.bench --compare``: the swarm beside Redis, on this machine, in one run.
 
 Three ``twistd swarmcache`` processes in a line A <- B <- C (default options, one copy
-per key), the benchmark's client on A; every mode of :mod:`swarm.bench`, with the nodes'
+per key), measured once their views are complete and settled, the benchmark's client
+on A; every mode of :mod:`swarm.bench`, with the nodes'
 CPU time per request read from ``/proc``. Then a ``redis-server`` on a free port (no
 persistence) and ``redis-benchmark`` with the same value size and the same kinds of load:
 ``-P 16 -c 50`` beside the batched mode, ``-P 1 -c 50`` beside 50 connections one request
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swarm import bench
 from swarm.bench import VALUE, Result, remote_table
 from swarm.bench_failover import Missed, Node, free_port, sleep, until
 
@@ -56,6 +58,7 @@ async def start_line(workdir: Path) -> list[Node]:
     await until(complete, "a complete view on every node", 30)
     for node in nodes:
         await node.client.close()
+    await sleep(bench.SETTLE)
     return nodes
 
 

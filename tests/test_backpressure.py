@@ -335,6 +335,9 @@ class EchoRouter:
         value: Any = object() if key == "unencodable" else "v" * 100
         return {"id": request["id"], "ok": True, "found": True, "value": value}
 
+    def handle_all(self, requests: list[dict]) -> tuple[list, list]:
+        return [self.handle(r) for r in requests], []
+
 
 def _gets(keys: list[str]) -> bytes:
     return cbor2.dumps([{"id": i, "op": "get", "key": k} for i, k in enumerate(keys)])

@@ -6,7 +6,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from swarm import bench_compare
+from swarm import bench, bench_compare
 from swarm.bench import MODES, Result, main, parse
 
 REDIS_CSV = '''"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
@@ -58,7 +58,8 @@ def test_options_are_checked():
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_in_process_bench_measures_every_mode_at_every_distance(capsys):
+async def test_the_in_process_bench_measures_every_mode_at_every_distance(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "SETTLE", 0.1)
     await main(reactor, ["--ops", "40", "--seconds", "2", "--depth", "8", "--batch", "16",
                          "--in-flight", "2", "--connections", "3"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
@@ -73,6 +74,7 @@ async def test_the_in_process_bench_measures_every_mode_at_every_distance(capsys
 
 @pytest_twisted.ensureDeferred
 async def test_compare_runs_twistd_nodes_and_says_when_redis_is_missing(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "SETTLE", 0.1)
     monkeypatch.setattr(bench_compare.shutil, "which", lambda name: None)
     await bench_compare.compare(reactor, parse([
         "--compare", "--ops", "40", "--seconds", "2", "--modes", "sequential,batched",

@@ -187,6 +187,71 @@ def test_a_breq_whose_deadline_passed_is_answered_timeout_for_each_request():
     assert [r["error"]["code"] for r in brep["reps"]] == ["timeout", "timeout"]
 
 
+# -- groups passed on whole by a relay ----------------------------------------------------
+
+
+def test_call_group_sends_its_own_groups_after_queued_calls_and_fires_once_in_order():
+    link, frames, clock = make_link()
+    before = link.call(get(100), 1, 3)
+    n = MAX_GROUP + 2
+    d = link.call_group([get(i) for i in range(n)], 2.0, 4)
+    assert [[m["t"] for m in f] for f in frames] == [["req"], ["breq", "breq"]]
+    first, second = frames[1]
+    assert (first["ms"], first["hops"], len(first["reqs"]), len(second["reqs"])) == (
+        2000, 4, MAX_GROUP, 2)
+    assert frames[1][0]["reqs"][0] == get(0) and second["reqs"] == [get(MAX_GROUP), get(n - 1)]
+    link.on_group_reply(second["rid"], 0, [found(MAX_GROUP), found(n - 1)])
+    link.on_group_reply(first["rid"], 1, [found(i) for i in range(1, MAX_GROUP)])
+    assert not d.called
+    link.on_group_reply(first["rid"], 0, [found(0)])
+    assert results([d]) == [[found(i) for i in range(n)]]
+    link.on_reply(frames[0][0]["rid"], found(100))
+    assert results([before]) == [found(100)] and nothing_left(link, clock)
+
+
+def test_call_group_answers_what_is_left_when_the_link_goes_and_needs_a_batching_peer():
+    link, frames, clock = make_link()
+    d = link.call_group([get(0), get(1)], 1, 3)
+    link.on_group_reply(frames[0][0]["rid"], 1, [found(1)])
+    link.fail_all("link lost")
+    ((replies,),) = [results([d])]
+    assert replies[1] == found(1) and replies[0]["error"]["code"] == "unavailable"
+    assert nothing_left(link, clock)
+    with pytest.raises(ValueError):
+        make_link(batches=False)[0].call_group([get(0)], 1, 3)
+
+
+def test_a_breq_the_relay_passes_on_whole_is_answered_by_one_brep_when_its_replies_come():
+    o = Overlay("b", "s", 1, task.Clock())
+    o.handle_request = lambda *args: pytest.fail("a group passed on is not served here")
+    relayed: list = []
+
+    def relay(reqs, timeout, hops, to):
+        relayed.append((reqs, timeout, hops, to))
+        relayed.append(Deferred())
+        return relayed[-1]
+
+    o.relay_group = relay
+    sent = []
+    o.receive_group(PeerLink("a", sent.append, o.clock),
+                    {"t": "breq", "rid": 5, "at": 2, "ms": 800, "hops": 3,
+                     "reqs": [get(0), get(1)]})
+    assert relayed[0] == ([get(0), get(1)], 0.8, 3, None) and sent == [] and o.busy
+    relayed[1].callback([found(0), found(1)])
+    assert sent == [[{"t": "brep", "rid": 5, "at": 2, "reps": [found(0), found(1)]}]]
+    assert not o.busy
+
+
+def test_a_breq_the_relay_declines_is_served_request_by_request():
+    o = Overlay("b", "s", 1, task.Clock())
+    o.relay_group = lambda *args: None
+    o.handle_request = lambda req, *args: found(req["id"])
+    sent = []
+    o.receive_group(PeerLink("a", sent.append, o.clock),
+                    {"t": "breq", "rid": 1, "ms": 800, "hops": 3, "reqs": [get(0), get(1)]})
+    assert sent == [[{"t": "brep", "rid": 1, "at": 0, "reps": [found(0), found(1)]}]]
+
+
 # -- framing ------------------------------------------------------------------------------
 
 

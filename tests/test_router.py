@@ -403,6 +403,127 @@ def test_a_relay_sends_a_key_op_on_as_it_came_and_what_runs_here_is_checked():
     assert len(node.forwarded) == 1
 
 
+class Groups:
+    """Records the groups a router passes on, in place of the overlay's links."""
+
+    def __init__(self, node: Node, takes: bool = True) -> None:
+        self.calls: list[tuple[str, list, float, int, Deferred]] = []
+        self.takes = takes
+        node.overlay.forward_group = self.forward_group
+
+    def forward_group(self, node, requests, timeout, hops):
+        if not self.takes:
+            return None
+        self.calls.append((node, requests, timeout, hops, Deferred()))
+        return self.calls[-1][-1]
+
+
+def test_a_relay_passes_a_group_for_keys_behind_one_neighbor_on_whole():
+    node = Node()
+    groups = Groups(node)
+    (kb,), (kc,) = keys_of("b", node.placement), keys_of("c", node.placement)
+    raws = [{"id": 1, "op": "get", "key": kb}, {"id": 2, "op": "set", "key": kc,
+                                                 "value": "v", "junk": 1}]
+    d = node.router.relay_group(raws, 3, 5)
+    ((owner, sent, timeout, hops, reply),) = groups.calls
+    assert (owner, timeout, hops) == ("b", 3, 4) and sent is raws  # as they came
+    assert node.forwarded == []
+    reply.callback([ok(1, found=False, value=None), ok(2, stored=True)])
+    assert result_of(d) == [ok(1, found=False, value=None), ok(2, stored=True)]
+
+
+def test_a_group_that_cannot_go_on_whole_is_declined():
+    node = Node()
+    (ka,), (kb,) = keys_of("a", node.placement), keys_of("b", node.placement)
+    get_b = {"id": 1, "op": "get", "key": kb}
+    relay = node.router.relay_group
+    assert relay([get_b, {"id": 2, "op": "get", "key": ka}], 3, 5) is None  # one runs here
+    assert relay([get_b, {"id": 2, "op": "mget", "keys": [kb]}], 3, 5) is None
+    assert relay([get_b, {"id": 2.5, "op": "get", "key": kb}], 3, 5) is None  # a bad id
+    assert relay([get_b], 3, 5, to="b") is None
+    assert relay([get_b], 3, 0) is None and relay([], 3, 5) is None
+    Groups(node, takes=False)
+    assert relay([get_b], 3, 5) is None  # b does not take groups
+
+
+def test_a_relayed_group_that_meets_no_node_is_routed_anew_once_the_view_changed():
+    node = Node()
+    groups = Groups(node)
+    (kb,), (kb2,) = keys_of("b", node.placement), keys_of("b", node.placement, prefix="n")
+    raws = [{"id": 1, "op": "set", "key": kb, "value": "v"},
+            {"id": 2, "op": "incr", "key": kb2},  # not sent twice: it could count twice
+            {"id": 3, "op": "set", "key": kb, "value": "w", "ttl": "soon"}]
+    d = node.router.relay_group(raws, 3, 5)
+    node.overlay.membership.set_links([])  # the way to b is lost: a owns every key
+    node.router.view_changed()
+    groups.calls[0][-1].callback([err(1), err(2), err(3)])
+    node.clock.advance(0)
+    replies = result_of(d)
+    assert replies[0] == ok(1, stored=True) and node.store.get(kb) == (True, "v")
+    assert replies[1] == err(2) and not node.store.exists(kb2)
+    assert replies[2]["error"]["code"] == "bad_request"  # checked before it runs here
+    assert node.router.retried == 2
+
+
+def test_a_relayed_group_answered_unavailable_with_the_same_view_keeps_its_replies():
+    node = Node()
+    groups = Groups(node)
+    (kb,) = keys_of("b", node.placement)
+    d = node.router.relay_group([{"id": 1, "op": "get", "key": kb}], 3, 5)
+    groups.calls[0][-1].callback([err(1)])
+    node.clock.advance(0)
+    assert result_of(d) == [err(1)] and node.router.retried == 0
+
+
+def _filled(replies, waiting):
+    for d in waiting:
+        assert d.called, "a Deferred of handle_all has not fired"
+    return replies
+
+
+def test_a_clients_batch_sends_its_key_ops_behind_one_neighbor_as_one_group():
+    node = Node()
+    groups = Groups(node)
+    (ka,), (kb,), (kc,) = (keys_of(n, node.placement) for n in "abc")
+    node.store.set(ka, "here", None)
+    requests = [{"id": 1, "op": "get", "key": kb}, {"id": 2, "op": "set", "key": kc,
+                                                     "value": "v"},
+                {"id": 3, "op": "get", "key": ka}, {"id": 4, "op": "mget", "keys": [kb]},
+                {"id": 5, "op": "incr", "key": kb}]
+    replies, waiting = node.router.handle_all(requests)
+    assert replies[2] == ok(3, found=True, value="here")  # ran here at once
+    ((owner, sent, timeout, hops, reply),) = groups.calls
+    assert [r["id"] for r in sent] == [1, 2, 5] and owner in ("b", "c")
+    assert (timeout, hops) == (node.router.request_timeout, node.router.max_hops - 1)
+    assert "at" in sent[1] and "at" not in sent[0]  # writes are stamped where they enter
+    (single,) = node.forwarded  # the mget goes on its own
+    assert single.request["id"] == 4
+    reply.callback([ok(1, found=False, value=None), ok(2, stored=True), ok(5, value=1)])
+    single.reply.callback(ok(4, values={}))
+    assert _filled(replies, waiting) == [
+        ok(1, found=False, value=None), ok(2, stored=True), ok(3, found=True, value="here"),
+        ok(4, values={}), ok(5, value=1)]
+
+
+def test_a_batch_keeps_hedged_reads_single_and_goes_one_by_one_to_a_peer_without_groups():
+    node = Node(replicas=2)
+    groups = Groups(node)
+    kb = next(k for k in keys_of("b", node.placement, 50) if "a" not in node.placement.owners(k))
+    replies, waiting = node.router.handle_all([{"id": 1, "op": "get", "key": kb},
+                                               {"id": 2, "op": "set", "key": kb, "value": 1}])
+    assert [r["id"] for r in groups.calls[0][1]] == [2]  # the write goes as a group
+    assert [c.request["id"] for c in node.forwarded] == [1]  # the read may be hedged
+    node = Node()
+    Groups(node, takes=False)
+    (kb,) = keys_of("b", node.placement)
+    replies, waiting = node.router.handle_all([{"id": i, "op": "get", "key": kb}
+                                               for i in (1, 2)])
+    assert [c.request["id"] for c in node.forwarded] == [1, 2]
+    for call in node.forwarded:
+        call.reply.callback(ok(call.request["id"], found=False, value=None))
+    assert [r["id"] for r in _filled(replies, waiting)] == [1, 2]
+
+
 def test_an_exception_inside_a_command_is_an_internal_error_reply():
     node = Node()
     (ka,) = keys_of("a", node.placement)

@@ -177,6 +177,131 @@ class QueryRouter:
             return error_reply(request_id(raw), e)
         return self.route(request, timeout, hops, to)
 
+    def handle_all(self, requests: list[dict]) -> tuple[list, list[Deferred]]:
+        """:meth:`handle` for each request of a client's batch, in order, with the
+        single-key reads and writes bound for primaries behind one neighbor sent on
+        as one group (one Deferred and one deadline for the group, as
+        :meth:`relay_group` passes it on). Returns the replies, where those still
+        to come are None, and the Deferreds that fill them in as they fire.
+
+        Reads that may be hedged (``replicas`` > 1) go one by one, as do requests
+        while this node's id is refused: :meth:`handle` answers those."""
+        replies: list = [None] * len(requests)
+        waiting: list[Deferred] = []
+        groups: dict[str, list[int]] = {}  # next hop -> indexes of the requests
+        owners_by_index: dict[int, str] = {}
+        timeout, hops = self.request_timeout, self.max_hops
+        membership = self.overlay.membership
+        grouping = self.overlay.conflict is None and hops > 0
+        for i, request in enumerate(requests):
+            via = owner = None
+            op = _RELAYED.get(request["op"]) if grouping else None
+            if op is not None and not (op.kind is Kind.READ and self.replicas > 1):
+                owners = self.placement.owners(request["key"])
+                owner = owners[0]
+                if owner != self.node_id and self._runner(op, owners) == owner:
+                    via = membership.next_hop(owner)
+            if via is None:
+                self._settle(replies, waiting, [i], self.handle(request))
+                continue
+            if op.kind is Kind.WRITE:
+                request["at"] = self.commands.store.hlc.now()
+            groups.setdefault(via, []).append(i)
+            owners_by_index[i] = owner
+        for via, indexes in groups.items():
+            group = [requests[i] for i in indexes]
+            sent = self._send_group([(OPS[r["op"]], owners_by_index[i])
+                                     for i, r in zip(indexes, group)],
+                                    group, via, timeout, hops, self.route)
+            if sent is not None:
+                self._settle(replies, waiting, indexes, sent)
+            else:  # that neighbor takes no groups
+                for i in indexes:
+                    self._settle(replies, waiting, [i], self.route(requests[i], timeout, hops))
+        return replies, waiting
+
+    @staticmethod
+    def _settle(replies: list, waiting: list[Deferred], indexes: list[int],
+                result: Any) -> None:
+        """Put ``result`` (one reply, or a Deferred of one or of a list) at ``indexes``."""
+        def fill(result: Any) -> None:
+            if len(indexes) == 1 and isinstance(result, dict):
+                replies[indexes[0]] = result
+            else:
+                for i, reply in zip(indexes, result):
+                    replies[i] = reply
+
+        if isinstance(result, Deferred):
+            waiting.append(result.addCallback(fill))
+        else:
+            fill(result)
+
+    def relay_group(self, raws: list, timeout: float, hops: int,
+                    to: str | None = None) -> Deferred | None:
+        """A forwarded group passed on whole, as one group with one Deferred, when
+        every request in it is one :meth:`route_forwarded` would send on as it came
+        and all go the same way; None otherwise (it is served request by request).
+
+        A relay so costs a group a decode, a routing check per request and an
+        encode, instead of a Deferred, a reroute and a reply per request. Reads are
+        not hedged here: the node where the request entered hedges them."""
+        if to is not None or hops <= 0 or not raws:
+            return None
+        membership = self.overlay.membership
+        relays = []
+        via = None
+        for raw in raws:
+            relay = self._relayed_key_op(raw, None)
+            if relay is None:
+                return None
+            hop = membership.next_hop(relay[1])
+            if hop is None or (via is not None and hop != via):
+                return None
+            via = hop
+            relays.append(relay)
+        return self._send_group(relays, raws, via, timeout, hops, self.route_forwarded)
+
+    def _send_group(self, relays: list[tuple[Op, str]], requests: list, via: str,
+                    timeout: float, hops: int, again: Callable[..., dict | Deferred],
+                    ) -> Deferred | None:
+        """Send ``requests`` (with their ops and primaries) toward ``via`` as one
+        group; a Deferred of their replies, or None when ``via`` takes no groups.
+        Requests that come back ``unavailable`` after the view changed are routed
+        anew by ``again``, as :meth:`_rerouted_when_lost` does for one."""
+        try:
+            d = self.overlay.forward_group(relays[0][1], requests, timeout, hops - 1)
+        except LookupError:
+            return None
+        if d is None:
+            return None
+        membership = self.overlay.membership
+        clock, placement, sent = self.overlay.clock, self.placement, self.overlay.clock.seconds()
+
+        def rerouted(replies: list[dict]) -> list[dict] | Deferred:
+            left = timeout - (clock.seconds() - sent)
+            if left <= 0 or (self.placement is placement and all(
+                    membership.next_hop(owner) == via for _, owner in relays)):
+                return replies
+            redo = [i for i, reply in enumerate(replies)
+                    if _lost(reply) and relays[i][0].resend(requests[i])]
+            self.retried += len(redo)
+            retried = [_deferred(again(requests[i], left, hops)) for i in redo]
+
+            def merged(results: list[dict]) -> list[dict]:
+                for i, reply in zip(redo, results):
+                    replies[i] = reply
+                return replies
+
+            return gatherResults(retried).addCallback(merged)
+
+        def lost(replies: list[dict]) -> list[dict] | Deferred:
+            if not any(_lost(reply) for reply in replies):
+                return replies
+            # the view changes in the turn that fails the link's requests: look after it
+            return deferLater(clock, 0, lambda: None).addCallback(lambda _: rerouted(replies))
+
+        return d.addCallback(lost)
+
     def _relayed_key_op(self, raw: Any, to: str | None) -> tuple[Op, str] | None:
         """The op and the primary of a forwarded single-key read or write that runs
         elsewhere, checked only as far as routing needs; None for anything else."""
@@ -279,7 +404,7 @@ class QueryRouter:
             return route(request, left, hops)
 
         def lost(reply: dict) -> dict | Deferred:
-            if reply.get("ok") or (reply.get("error") or {}).get("code") != "unavailable":
+            if not _lost(reply):
                 return reply
             # the view changes in the turn that fails the link's requests: look after it
             return deferLater(clock, 0, lambda: None).addCallback(lambda _: again(reply))
@@ -453,6 +578,11 @@ class QueryRouter:
 _RELAYED = {op.name: op for op in OPS.values()
             if op.kind in (Kind.READ, Kind.WRITE) and not op.multi_key}
 _NO_ID = object()
+
+
+def _lost(reply: dict) -> bool:
+    """Whether a reply says its request met no node (it may be worth another way)."""
+    return not reply.get("ok") and (reply.get("error") or {}).get("code") == "unavailable"
 
 
 def _deferred(result: dict | Deferred) -> Deferred:

@@ -74,17 +74,29 @@ class FrameHandler:
             requests, is_batch = self.parser.split(decoded)
         except SwarmError as e:
             return self._refuse_batch(decoded, e, is_binary), len(decoded)
-        replies = [self._handle_one(obj) for obj in requests]
-        waiting = [(i, r) for i, r in enumerate(replies) if isinstance(r, Deferred)]
-        if not waiting:
-            return self._encode(replies, is_batch, is_binary), len(requests)
+        if not is_batch:
+            reply = self._handle_one(requests[0])
+            if isinstance(reply, Deferred):
+                return reply.addCallback(lambda r: self._encode([r], False, is_binary)), 1
+            return self._encode([reply], False, is_binary), 1
+        replies: list = [None] * len(requests)
+        parsed, where = [], []
+        for i, obj in enumerate(requests):
+            try:
+                parsed.append(self.parser.parse(obj))
+                where.append(i)
+            except SwarmError as e:
+                replies[i] = error_reply(request_id(obj), e)
+        routed, waiting = self.router.handle_all(parsed)
 
-        def fill(results: list) -> bytes:
-            for (i, _), reply in zip(waiting, results):
+        def fill(_: object = None) -> bytes:
+            for i, reply in zip(where, routed):
                 replies[i] = reply
-            return self._encode(replies, is_batch, is_binary)
+            return self._encode(replies, True, is_binary)
 
-        return gatherResults([d for _, d in waiting]).addCallback(fill), len(requests)
+        if not waiting:
+            return fill(), len(requests)
+        return gatherResults(waiting).addCallback(fill), len(requests)
 
     def _refuse_batch(self, batch: list, error: SwarmError, is_binary: bool) -> bytes:
         """A batch over ``max_batch``: the contract's reply, one error per request in

@@ -51,9 +51,8 @@ class PeerLink:
         self._queued: dict[_Group, list[tuple[dict, Deferred]]] = {}
         self._queued_count = 0
         self._flush_call: IDelayedCall | None = None
-        #: Groups sent and not fully answered: rid -> the callers' Deferreds, each
-        #: replaced by None once answered.
-        self._groups: dict[int, list[Deferred | None]] = {}
+        #: Groups sent and not fully answered, by rid.
+        self._groups: dict[int, _Waiting] = {}
 
     @property
     def pending(self) -> int:
@@ -101,8 +100,38 @@ class PeerLink:
                     request, d = part[0]
                     self._call_one(request, ms, hops, to, messages).chainDeferred(d)
                 else:
-                    messages.append(self._group_message(part, ms, hops, to))
+                    callers = [d for _, d in part]
+                    messages.append(self._group_message(
+                        [request for request, _ in part], ms, hops, to,
+                        lambda i, reply, callers=callers: callers[i].callback(reply)))
         self._send(messages)
+
+    def call_group(self, requests: list[dict], timeout: float, hops: int,
+                   to: str | None = None) -> Deferred:
+        """Forward ``requests`` as groups of their own (after the calls queued before
+        them); fires with their replies in order, errors as error replies. One
+        Deferred for them all: a relay passes a group on without one per request.
+        The peer must take ``breq`` (:attr:`batches`)."""
+        if not self.batches:
+            raise ValueError(f"{self.peer} does not take groups")
+        self.flush()
+        ms = max(0, int(timeout * 1000))
+        done = Deferred()
+        replies: list = [None] * len(requests)
+        left = [len(requests)]
+
+        def settle(i: int, reply: dict) -> None:
+            replies[i] = reply
+            left[0] -= 1
+            if not left[0]:
+                done.callback(replies)
+
+        self._send([
+            self._group_message(requests[start:start + MAX_GROUP], ms, hops, to,
+                                lambda i, reply, start=start: settle(start + i, reply))
+            for start in range(0, len(requests), MAX_GROUP)
+        ])
+        return done
 
     def _call_one(self, request: dict, ms: int, hops: int, to: str | None,
                   into: list | None = None) -> Deferred:
@@ -117,12 +146,11 @@ class PeerLink:
             into.append(msg)
         return d
 
-    def _group_message(self, calls: list[tuple[dict, Deferred]], ms: int, hops: int,
-                       to: str | None) -> dict:
+    def _group_message(self, requests: list[dict], ms: int, hops: int, to: str | None,
+                       settle: Callable[[int, dict], None]) -> dict:
+        """A ``breq`` of ``requests``; ``settle(i, reply)`` hears each reply once."""
         rid, d = self._calls.expect(ms / 1000, self._timed_out)
-        waiting: list[Deferred | None] = [caller for _, caller in calls]
-        requests = [request for request, _ in calls]
-        self._groups[rid] = waiting
+        self._groups[rid] = _Waiting(settle, len(requests))
         d.addErrback(self._group_failed, rid, requests)
         msg = {"t": "breq", "rid": rid, "ms": ms, "hops": hops, "reqs": requests}
         if to is not None:
@@ -132,10 +160,10 @@ class PeerLink:
     def _group_failed(self, failure: Failure, rid: int, requests: list[dict]) -> None:
         """The group timed out or the link went: its callers not yet answered get
         the error."""
-        waiting = self._groups.pop(rid, None) or []
-        for caller, request in zip(waiting, requests):
-            if caller is not None:
-                caller.callback(self._error_reply(failure, request))
+        waiting = self._groups.pop(rid, None)
+        if waiting is not None:
+            for i in waiting.unanswered():
+                waiting.answer(i, self._error_reply(failure, requests[i]))
 
     def _timed_out(self) -> Timeout:
         return Timeout(f"no reply from {self.peer} in time")
@@ -155,14 +183,11 @@ class PeerLink:
         """Deliver the replies to calls ``at`` ... of group ``rid``; False when nothing
         waits for them (late, unknown, or out of the group's range)."""
         waiting = self._groups.get(rid)
-        if waiting is None or at + len(replies) > len(waiting):
+        if waiting is None or at + len(replies) > waiting.size:
             return False
         for i, reply in enumerate(replies, at):
-            caller = waiting[i]
-            if caller is not None:
-                waiting[i] = None
-                caller.callback(reply)
-        if all(caller is None for caller in waiting):
+            waiting.answer(i, reply)
+        if not waiting.left:
             del self._groups[rid]
             self._calls.resolve(rid, None)
         return True
@@ -181,3 +206,23 @@ class PeerLink:
         for calls in queued.values():
             for request, d in calls:
                 d.callback(self._error_reply(error, request))
+
+
+class _Waiting:
+    """The callers of one group sent: who hears each reply, and which are answered
+    (a reply is delivered once, however often a peer sends it)."""
+
+    def __init__(self, settle: Callable[[int, dict], None], size: int) -> None:
+        self.settle = settle
+        self.size = size
+        self.left = size
+        self._answered = [False] * size
+
+    def answer(self, i: int, reply: dict) -> None:
+        if not self._answered[i]:
+            self._answered[i] = True
+            self.left -= 1
+            self.settle(i, reply)
+
+    def unanswered(self) -> list[int]:
+        return [i for i, done in enumerate(self._answered) if not done]

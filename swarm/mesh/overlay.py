@@ -49,6 +49,7 @@ _log = logger(__name__)
 #: (request, seconds left, hops left, node it is addressed to or None) -> reply dict
 #: or Deferred of one
 RequestHandler = Callable[[dict, float, int, "str | None"], "dict | Deferred"]
+GroupRelay = Callable[[list, float, int, "str | None"], "Deferred | None"]
 
 
 class Overlay:
@@ -60,11 +61,14 @@ class Overlay:
         clock,
         on_view_change: Callable[[], None] = lambda: None,
         handle_request: RequestHandler | None = None,
+        relay_group: GroupRelay | None = None,
         secret: bytes | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         """``handle_request`` answers the requests neighbors forward (the router's
-        ``route_forwarded``); ``on_view_change`` hears of every change of the view;
+        ``route_forwarded``); ``relay_group`` may pass a forwarded group on whole
+        (the router's ``relay_group``: a Deferred of the replies, or None to serve
+        the requests one by one); ``on_view_change`` hears of every change of the view;
         with a ``secret``, only peers that prove they hold it link
         (:mod:`swarm.mesh.auth`); a peer that has not said hello (and given its
         proof) within ``handshake_timeout`` seconds of the connection opening is
@@ -77,6 +81,7 @@ class Overlay:
         self.membership = Membership(node_id, incarnation)
         self.on_view_change = on_view_change
         self.handle_request = handle_request
+        self.relay_group = relay_group
         self._links: dict[str, list[PeerLink]] = {}
         #: Connections whose peer said bye: open, routing nothing, finishing their calls.
         self._parted: list[PeerLink] = []
@@ -320,6 +325,19 @@ class Overlay:
             raise LookupError(node)
         return links[0].call(request, timeout, hops, to=node if addressed else None)
 
+    def forward_group(self, node: str, requests: list[dict], timeout: float,
+                      hops: int) -> Deferred | None:
+        """Send ``requests`` one hop toward ``node`` as one group, each routed again
+        by the next hop; a Deferred of their replies in order, or None when the link
+        that way does not take groups. LookupError when there is no way."""
+        neighbor = self.membership.next_hop(node)
+        links = self._links.get(neighbor) if neighbor else None
+        if not links:
+            raise LookupError(node)
+        if not links[0].batches:
+            return None
+        return links[0].call_group(requests, timeout, hops)
+
     def receive_request(self, link: PeerLink, msg: dict) -> None:
         rid = msg["rid"]
 
@@ -331,8 +349,32 @@ class Overlay:
     def receive_group(self, link: PeerLink, msg: dict) -> None:
         """A ``breq``: its requests run side by side, answered by one ``brep``."""
         rid, at = msg["rid"], msg.get("at", 0)
-        self._serve(msg, msg["reqs"], lambda reps: link.send(
-            [{"t": "brep", "rid": rid, "at": at, "reps": reps}]))
+
+        def answer(reps: list[dict]) -> None:
+            link.send([{"t": "brep", "rid": rid, "at": at, "reps": reps}])
+
+        relayed = self._relayed(msg)
+        if relayed is None:
+            self._serve(msg, msg["reqs"], answer)
+            return
+        self._serving += 1
+
+        def done(reps: list[dict]) -> None:
+            self._serving -= 1
+            answer(reps)
+
+        relayed.addErrback(_internal_errors, msg["reqs"]).addCallback(done)
+
+    def _relayed(self, msg: dict) -> Deferred | None:
+        """The replies of a group passed on whole, or None to serve it here."""
+        timeout = msg["ms"] / 1000.0
+        if self.relay_group is None or timeout <= 0:
+            return None
+        try:
+            return self.relay_group(msg["reqs"], timeout, msg["hops"], msg.get("to"))
+        except Exception:
+            _log.failure("relaying a group failed; serving it request by request")
+            return None
 
     def _serve(self, msg: dict, requests: list, answer: Callable[[list[dict]], None]) -> None:
         """Run forwarded ``requests`` (with ``msg``'s deadline, hops and address), then
@@ -383,3 +425,8 @@ class Overlay:
         if not link.on_group_reply(msg["rid"], msg["at"], msg["reps"]):
             _log.debug("late or stray group reply {rid} from {peer}", rid=msg["rid"],
                        peer=link.peer)
+
+
+def _internal_errors(failure: Failure, requests: list) -> list[dict]:
+    _log.failure("a relayed group failed", failure)
+    return [error_reply(request_id(r), InternalError("internal error")) for r in requests]

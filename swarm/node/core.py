@@ -73,6 +73,7 @@ class NodeCore:
             config.node_id, config.swarm, int(wall() * 1000), clock,
             on_view_change=self._view_changed,
             handle_request=lambda *request: self.router.route_forwarded(*request),
+            relay_group=lambda *group: self.router.relay_group(*group),
             secret=config.peer_secret, handshake_timeout=config.handshake_timeout,
         )
         commands = StoreCommands(self.store, config.default_ttl,
