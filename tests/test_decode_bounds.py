@@ -169,3 +169,12 @@ def test_scan_accepts_honest_frames_that_decode_alike(value):
 def test_a_json_number_of_a_million_digits_is_a_clear_bad_request():
     with pytest.raises(BadRequest, match="more than 4300 digits"):
         decode_frame(b"[" + b"1" * 1_000_000 + b"]", False)
+
+
+def test_the_quick_search_for_references_finds_every_reference_head():
+    """A frame the one-search filter passes over would skip the expansion check."""
+    from swarm.protocol import wire
+
+    for head in wire._REFERENCE_HEADS:
+        assert wire._REFERENCE_LEAD.search(b"\x82\x01" + head + b"\x00") is not None
+    assert wire._REFERENCE_LEAD.search(cbor2.dumps({"op": "get", "key": "k", "id": 1})) is None
