@@ -11,6 +11,12 @@ subprocess per shape so one shape's garbage does not flatter the next:
   the LRU map: what the budget is meant to bound).
 
 The ratio is accounted / measured; the goal is 0.75-1.25 for every shape.
+
+``python -m swarm.bench_memory --keys 1000000`` instead stores that many keys
+(``key:000000000001``, 16 bytes) of 100-byte string values in one store and prints the
+RSS growth and the accounting per key, the longest of three full garbage collections
+with all of them held, and, when ``redis-server`` is installed, Redis's
+``used_memory`` growth per key for the same keys and values, and the ratio.
 """
 
 from __future__ import annotations
@@ -118,6 +124,89 @@ def _in_subprocess(shape: str, count: int, rss: bool) -> dict:
     return json.loads(out.stdout)
 
 
+def _key_and_value(i: int) -> tuple[str, str]:
+    return f"key:{i:012d}", "v" * 90 + f"{i:010d}"
+
+
+def measure_keys(count: int) -> dict:
+    """RSS growth and accounting per key, and the full-GC pause, for ``count`` keys."""
+    from twisted.internet.task import Clock
+
+    from swarm.protocol.wire import decode_frame, encode_frame
+    from swarm.store.memory import MemoryStore
+
+    store = MemoryStore(Clock(), max_memory=1 << 40)
+    gc.collect()
+    before = _rss()
+    for i in range(count):
+        key, value = _key_and_value(i)
+        store.set(key, decode_frame(encode_frame(value, True), True), None)
+    gc.collect()
+    grown = _rss() - before
+    pauses = []
+    for _ in range(3):
+        started = time.perf_counter()
+        gc.collect()
+        pauses.append(time.perf_counter() - started)
+    return {"count": count, "rss": grown / count, "accounted": store.memory_bytes / count,
+            "gc_ms": max(pauses) * 1000}
+
+
+def redis_bytes_per_key(count: int) -> float | None:
+    """Redis's ``used_memory`` growth per key for the same keys, None without Redis."""
+    import shutil
+    import socket
+
+    if shutil.which("redis-server") is None:
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with conn:
+            reader = conn.makefile("rb")
+
+            def call(*commands: list[bytes]) -> list[bytes]:
+                out = bytearray()
+                for args in commands:
+                    out += b"*%d\r\n" % len(args)
+                    for arg in args:
+                        out += b"$%d\r\n%s\r\n" % (len(arg), arg)
+                conn.sendall(out)
+                replies = []
+                for _ in commands:
+                    line = reader.readline()
+                    if line.startswith(b"$"):
+                        line = reader.read(int(line[1:]) + 2)
+                    replies.append(line)
+                return replies
+
+            def used() -> int:
+                (info,) = call([b"INFO", b"memory"])
+                return int(info.split(b"used_memory:")[1].split(b"\r\n")[0])
+
+            start = used()
+            for first in range(0, count, 10_000):
+                call(*([b"SET", *(part.encode() for part in _key_and_value(i))]
+                       for i in range(first, min(first + 10_000, count))))
+            return (used() - start) / count
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _ratio(accounted: float, measured: float) -> str:
     return f"{accounted / measured:6.2f}" if measured >= 1 else f"{'-':>6}"
 
@@ -125,7 +214,25 @@ def _ratio(accounted: float, measured: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20_000, help="values per shape")
+    parser.add_argument("--keys", type=int, help="measure this many 100-byte entries "
+                        "(and Redis, when installed) instead of every shape")
     args = parser.parse_args(argv)
+    if args.keys:
+        code = ("import json; from swarm.bench_memory import measure_keys; "
+                f"print(json.dumps(measure_keys({args.keys})))")
+        ours = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                         text=True, timeout=1800, check=True).stdout)
+        print(f"{args.keys} keys of 16 bytes, 100-byte string values: RSS growth "
+              f"{ours['rss']:.0f} B/key, accounted {ours['accounted']:.0f} B/key "
+              f"(accounted/RSS {ours['accounted'] / ours['rss']:.2f}), longest full GC "
+              f"{ours['gc_ms']:.0f} ms")
+        redis = redis_bytes_per_key(args.keys)
+        if redis is None:
+            print("redis-server is not installed: no comparison")
+        else:
+            print(f"Redis used_memory growth {redis:.0f} B/key; RSS per key / Redis "
+                  f"{ours['rss'] / redis:.2f}x (target <= 1.5x)")
+        return
     print(f"{args.count} values per shape; bytes per value (ratio = accounted / measured)")
     print(f"{'shape':18} {'measure':>8} {'traced':>8} {'ratio':>6} | {'entry acc':>9} "
           f"{'traced':>8} {'ratio':>6} {'RSS':>8} {'ratio':>6} | {'us/call':>7}")
