@@ -60,6 +60,7 @@ def test_options_are_checked():
 @pytest_twisted.ensureDeferred
 async def test_the_in_process_bench_measures_every_mode_at_every_distance(capsys, monkeypatch):
     monkeypatch.setattr(bench, "SETTLE", 0.1)
+    monkeypatch.setattr(bench.logs, "set_level", lambda level: None)  # global: keep it
     await main(reactor, ["--ops", "40", "--seconds", "2", "--depth", "8", "--batch", "16",
                          "--in-flight", "2", "--connections", "3"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
