@@ -155,26 +155,16 @@ def measure_keys(count: int) -> dict:
 def redis_bytes_per_key(count: int) -> float | None:
     """Redis's ``used_memory`` growth per key for the same keys, None without Redis."""
     import shutil
-    import socket
+    import tempfile
+
+    from swarm.bench_compare import Redis
 
     if shutil.which("redis-server") is None:
         return None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workdir = tempfile.mkdtemp(prefix="swarm-bench-memory-")
+    redis = Redis(workdir)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                conn = socket.create_connection(("127.0.0.1", port), timeout=30)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        conn = redis.connect()
         with conn:
             reader = conn.makefile("rb")
 
@@ -203,8 +193,8 @@ def redis_bytes_per_key(count: int) -> float | None:
                        for i in range(first, min(first + 10_000, count))))
             return (used() - start) / count
     finally:
-        proc.terminate()
-        proc.wait(10)
+        redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _ratio(accounted: float, measured: float) -> str:

@@ -252,6 +252,29 @@ def test_a_breq_the_relay_declines_is_served_request_by_request():
     assert sent == [[{"t": "brep", "rid": 1, "at": 0, "reps": [found(0), found(1)]}]]
 
 
+def test_a_relay_that_breaks_costs_nothing_but_its_group_is_served_or_answered_internal():
+    o = Overlay("b", "s", 1, task.Clock())
+    o.handle_request = lambda req, *args: found(req["id"])
+    sent = []
+    link = PeerLink("a", sent.append, o.clock)
+    msg = {"t": "breq", "rid": 1, "ms": 800, "hops": 3, "reqs": [get(0), get(1)]}
+
+    def raises(*args):
+        raise RuntimeError("a bug in the relay")
+
+    o.relay_group = raises  # before it sent anything: served here, one by one
+    o.receive_group(link, msg)
+    assert sent.pop() == [{"t": "brep", "rid": 1, "at": 0, "reps": [found(0), found(1)]}]
+    later = Deferred()
+    o.relay_group = lambda *args: later  # after: its requests are answered internal
+    o.receive_group(link, msg)
+    later.errback(RuntimeError("a bug after the group left"))
+    ((brep,),) = sent
+    assert [(r["id"], r["error"]["code"]) for r in brep["reps"]] == [
+        (0, "internal"), (1, "internal")]
+    assert not o.busy
+
+
 # -- framing ------------------------------------------------------------------------------
 
 

@@ -188,53 +188,46 @@ class QueryRouter:
         while this node's id is refused: :meth:`handle` answers those."""
         replies: list = [None] * len(requests)
         waiting: list[Deferred] = []
-        groups: dict[str, list[int]] = {}  # next hop -> indexes of the requests
-        owners_by_index: dict[int, str] = {}
+
+        def fill(indexes: list[int], results: list[dict]) -> None:
+            for i, reply in zip(indexes, results):
+                replies[i] = reply
+
+        def settle(i: int, reply: dict | Deferred) -> None:
+            if isinstance(reply, Deferred):
+                waiting.append(reply.addCallback(lambda r: fill([i], [r])))
+            else:
+                replies[i] = reply
+
+        #: next hop -> [(index, op, primary)] of the requests that go there as a group
+        groups: dict[str, list[tuple[int, Op, str]]] = {}
         timeout, hops = self.request_timeout, self.max_hops
         membership = self.overlay.membership
         grouping = self.overlay.conflict is None and hops > 0
         for i, request in enumerate(requests):
-            via = owner = None
+            via = None
             op = _RELAYED.get(request["op"]) if grouping else None
             if op is not None and not (op.kind is Kind.READ and self.replicas > 1):
                 owners = self.placement.owners(request["key"])
-                owner = owners[0]
-                if owner != self.node_id and self._runner(op, owners) == owner:
-                    via = membership.next_hop(owner)
+                if owners[0] != self.node_id and self._runner(op, owners) == owners[0]:
+                    via = membership.next_hop(owners[0])
             if via is None:
-                self._settle(replies, waiting, [i], self.handle(request))
+                settle(i, self.handle(request))
                 continue
             if op.kind is Kind.WRITE:
                 request["at"] = self.commands.store.hlc.now()
-            groups.setdefault(via, []).append(i)
-            owners_by_index[i] = owner
-        for via, indexes in groups.items():
+            groups.setdefault(via, []).append((i, op, owners[0]))
+        for via, members in groups.items():
+            indexes = [i for i, _, _ in members]
             group = [requests[i] for i in indexes]
-            sent = self._send_group([(OPS[r["op"]], owners_by_index[i])
-                                     for i, r in zip(indexes, group)],
-                                    group, via, timeout, hops, self.route)
+            sent = self._send_group([(op, owner) for _, op, owner in members], group, via,
+                                    timeout, hops, self.route)
             if sent is not None:
-                self._settle(replies, waiting, indexes, sent)
+                waiting.append(sent.addCallback(lambda results, ix=indexes: fill(ix, results)))
             else:  # that neighbor takes no groups
                 for i in indexes:
-                    self._settle(replies, waiting, [i], self.route(requests[i], timeout, hops))
+                    settle(i, self.route(requests[i], timeout, hops))
         return replies, waiting
-
-    @staticmethod
-    def _settle(replies: list, waiting: list[Deferred], indexes: list[int],
-                result: Any) -> None:
-        """Put ``result`` (one reply, or a Deferred of one or of a list) at ``indexes``."""
-        def fill(result: Any) -> None:
-            if len(indexes) == 1 and isinstance(result, dict):
-                replies[indexes[0]] = result
-            else:
-                for i, reply in zip(indexes, result):
-                    replies[i] = reply
-
-        if isinstance(result, Deferred):
-            waiting.append(result.addCallback(fill))
-        else:
-            fill(result)
 
     def relay_group(self, raws: list, timeout: float, hops: int,
                     to: str | None = None) -> Deferred | None:

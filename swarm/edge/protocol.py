@@ -142,7 +142,7 @@ class FrameHandler:
         Replies are encoded one by one, so the frame's size is counted in encoded bytes
         as it grows; from the reply that would take it past the limit on, each is
         replaced by ``too_large``, and a reply that cannot be encoded by
-        ``internal_error``, costing none of the others. A single-key reply is as big as
+        ``internal``, costing none of the others. A single-key reply is as big as
         one value (``--max-value-size``), but one holding many (``mget``) could be far
         bigger than the limit, so a reply that carries a container is first weighed
         (:func:`weigh`, a walk that stops at the budget) before it is encoded.

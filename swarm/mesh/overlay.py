@@ -394,7 +394,7 @@ class Overlay:
 
         def failed(failure, request) -> dict:
             _log.failure("forwarded request failed", failure)
-            return error_reply(request_id(request), InternalError("internal error"))
+            return _internal_error(request)
 
         for i, request in enumerate(requests):
             if timeout <= 0:
@@ -429,4 +429,9 @@ class Overlay:
 
 def _internal_errors(failure: Failure, requests: list) -> list[dict]:
     _log.failure("a relayed group failed", failure)
-    return [error_reply(request_id(r), InternalError("internal error")) for r in requests]
+    return [_internal_error(r) for r in requests]
+
+
+def _internal_error(request: object) -> dict:
+    """The reply to a forwarded request that failed here (details stay in the log)."""
+    return error_reply(request_id(request), InternalError("internal error"))

@@ -312,11 +312,14 @@ class MemoryStore:
             return self.hlc.now()
         self.hlc.observe(at)
         held = self._current(key)
-        if held is None or _version(held) < at:
+        if held is None:
             return at
-        if _version(held) == at:
+        version = _version(held)
+        if version < at:
+            return at
+        if version == at:
             return None
-        above = (held[3], held[4] + 1, self.hlc.node_id)
+        above = (version[0], version[1] + 1, self.hlc.node_id)
         self.hlc.observe(above)
         return above
 
