@@ -233,6 +233,24 @@ def test_bytes_after_the_frame_are_refused():
         decode_peer_frame(encode_peer_frame([HELLO]) + b"\x01", True)
 
 
+@pytest.mark.parametrize("encode", [
+    lambda v: cbor2.dumps(v, string_referencing=True),
+    lambda v: cbor2.dumps(v, value_sharing=True),
+])
+@pytest.mark.parametrize("size", [100, FRAME_TARGET + 1])  # decoded as they come / scanned
+def test_references_are_refused_in_peer_frames(encode, size):
+    """No node encodes string references or shared values, so a peer frame holding
+    one is malformed: refused where it is met, with no search of the frame's bytes for
+    them first and no walk of what it decodes to after (what client frames pay)."""
+    value = ["x" * size, "x" * size]
+    payload = encode([dict(REP, rep={"id": 1, "ok": True, "value": value})])
+    assert re.search(rb"\xd8[\x19\x1c\x1d]|\xd9\x01\x00", payload)
+    with pytest.raises(PeerProtocolError, match="undecodable"):
+        decode_peer_frame(payload, True)
+    (msg,) = decode_peer_frame(encode_peer_frame([dict(REP, rep={"id": 1, "value": value})]), True)
+    assert msg["rep"]["value"] == value
+
+
 # -- frames_of: cutting outgoing messages into frames a peer accepts --------------------
 
 def _rep(rid: int, size: int) -> dict:

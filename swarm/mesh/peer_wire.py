@@ -28,6 +28,10 @@ so batching many messages in one frame costs nothing extra. Each message has a t
            stopping node closes as soon as what it serves is answered
 
 A malformed frame or message raises :class:`PeerProtocolError`; the link is closed.
+No node encodes CBOR string references or shared values (tags 25, 28, 29, 256), so a
+frame that holds one is malformed: it fails to decode where the tag is met, and peer
+frames pay neither the search for reference tags nor the walk after decoding that
+client frames pay (:func:`~swarm.protocol.wire.decode_cbor`).
 Numbers are bounded, so nothing a peer sends overflows a timer or a float: ``ms`` at
 most :data:`MAX_REQUEST_MS` (a day), ``hops`` at most :data:`MAX_HOPS`, ``rid`` and
 ``inc`` below 2**64.
@@ -164,7 +168,7 @@ def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
     if not is_binary:
         raise PeerProtocolError("peer frames are binary CBOR")
     try:
-        messages = decode_cbor(payload, PEER_SCAN_FROM)
+        messages = decode_cbor(payload, PEER_SCAN_FROM, references=False)
     except Exception as e:
         raise PeerProtocolError(f"undecodable peer frame: {e}") from None
     if not isinstance(messages, list):
