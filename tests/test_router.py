@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import count
 
+import cbor2
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -21,7 +22,7 @@ from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
 from swarm.cluster.rebalance import CHUNK, SETTLE, Rebalancer
 from swarm.cluster.router import MIGRATION_WINDOW, QueryRouter
-from swarm.mesh.link import PeerLink
+from swarm.mesh.link import IN_RUN, Packed, PeerLink
 from swarm.mesh.membership import Announcement
 from swarm.mesh.overlay import Overlay
 from swarm.protocol.entry import Entry
@@ -407,14 +408,14 @@ class Groups:
     """Records the groups a router passes on, in place of the overlay's links."""
 
     def __init__(self, node: Node, takes: bool = True) -> None:
-        self.calls: list[tuple[str, list, float, int, Deferred]] = []
+        self.calls: list[tuple[str, list, float, int, bool, Deferred]] = []
         self.takes = takes
         node.overlay.forward_group = self.forward_group
 
-    def forward_group(self, node, requests, timeout, hops):
+    def forward_group(self, node, requests, timeout, hops, passthrough=False):
         if not self.takes:
             return None
-        self.calls.append((node, requests, timeout, hops, Deferred()))
+        self.calls.append((node, requests, timeout, hops, passthrough, Deferred()))
         return self.calls[-1][-1]
 
 
@@ -425,8 +426,9 @@ def test_a_relay_passes_a_group_for_keys_behind_one_neighbor_on_whole():
     raws = [{"id": 1, "op": "get", "key": kb}, {"id": 2, "op": "set", "key": kc,
                                                  "value": "v", "junk": 1}]
     d = node.router.relay_group(raws, 3, 5)
-    ((owner, sent, timeout, hops, reply),) = groups.calls
+    ((owner, sent, timeout, hops, passthrough, reply),) = groups.calls
     assert (owner, timeout, hops) == ("b", 3, 4) and sent is raws  # as they came
+    assert passthrough  # the replies too may go on as they come
     assert node.forwarded == []
     reply.callback([ok(1, found=False, value=None), ok(2, stored=True)])
     assert result_of(d) == [ok(1, found=False, value=None), ok(2, stored=True)]
@@ -465,6 +467,22 @@ def test_a_relayed_group_that_meets_no_node_is_routed_anew_once_the_view_changed
     assert node.router.retried == 2
 
 
+def test_replies_a_relay_passes_on_packed_are_not_routed_anew():
+    node = Node()
+    groups = Groups(node)
+    (kb,) = keys_of("b", node.placement)
+    raws = [{"id": i, "op": "set", "key": kb, "value": i} for i in (1, 2, 3)]
+    d = node.router.relay_group(raws, 3, 5)
+    node.overlay.membership.set_links([])
+    node.router.view_changed()
+    packed = Packed(cbor2.dumps([err(1), err(2)]), 2)
+    groups.calls[0][-1].callback([packed, IN_RUN, err(3)])
+    node.clock.advance(0)
+    # the packed replies came from the nodes that ran the requests: kept as they are
+    assert result_of(d) == [packed, IN_RUN, ok(3, stored=True)]
+    assert node.router.retried == 1 and node.store.get(kb) == (True, 3)
+
+
 def test_a_relayed_group_answered_unavailable_with_the_same_view_keeps_its_replies():
     node = Node()
     groups = Groups(node)
@@ -492,8 +510,9 @@ def test_a_clients_batch_sends_its_key_ops_behind_one_neighbor_as_one_group():
                 {"id": 5, "op": "incr", "key": kb}]
     replies, waiting = node.router.handle_all(requests)
     assert replies[2] == ok(3, found=True, value="here")  # ran here at once
-    ((owner, sent, timeout, hops, reply),) = groups.calls
+    ((owner, sent, timeout, hops, passthrough, reply),) = groups.calls
     assert [r["id"] for r in sent] == [1, 2, 5] and owner in ("b", "c")
+    assert not passthrough  # the replies go to the client: they are decoded here
     assert (timeout, hops) == (node.router.request_timeout, node.router.max_hops - 1)
     assert "at" in sent[1] and "at" not in sent[0]  # writes are stamped where they enter
     (single,) = node.forwarded  # the mget goes on its own

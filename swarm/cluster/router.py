@@ -34,6 +34,7 @@ from swarm.errors import (
     error_from_wire,
 )
 from swarm.logs import logger
+from swarm.mesh.link import Packed
 from swarm.protocol.ops import OPS, Kind, Op, ops_of
 from swarm.protocol.wire import RequestParser, error_reply, ok_reply, request_id, valid_id
 
@@ -252,17 +253,22 @@ class QueryRouter:
                 return None
             via = hop
             relays.append(relay)
-        return self._send_group(relays, raws, via, timeout, hops, self.route_forwarded)
+        return self._send_group(relays, raws, via, timeout, hops, self.route_forwarded,
+                                passthrough=True)
 
     def _send_group(self, relays: list[tuple[Op, str]], requests: list, via: str,
                     timeout: float, hops: int, again: Callable[..., dict | Deferred],
-                    ) -> Deferred | None:
+                    passthrough: bool = False) -> Deferred | None:
         """Send ``requests`` (with their ops and primaries) toward ``via`` as one
         group; a Deferred of their replies, or None when ``via`` takes no groups.
         Requests that come back ``unavailable`` after the view changed are routed
-        anew by ``again``, as :meth:`_rerouted_when_lost` does for one."""
+        anew by ``again``, as :meth:`_rerouted_when_lost` does for one. With
+        ``passthrough`` (a relay), replies may come packed as the next hop sent
+        them (:meth:`~swarm.mesh.link.PeerLink.call_group`): those are from the
+        nodes that ran the requests, and so not lost on this node's way."""
         try:
-            d = self.overlay.forward_group(relays[0][1], requests, timeout, hops - 1)
+            d = self.overlay.forward_group(relays[0][1], requests, timeout, hops - 1,
+                                           passthrough)
         except LookupError:
             return None
         if d is None:
@@ -573,9 +579,11 @@ _RELAYED = {op.name: op for op in OPS.values()
 _NO_ID = object()
 
 
-def _lost(reply: dict) -> bool:
-    """Whether a reply says its request met no node (it may be worth another way)."""
-    return not reply.get("ok") and (reply.get("error") or {}).get("code") == "unavailable"
+def _lost(reply: dict | Packed) -> bool:
+    """Whether a reply says its request met no node (it may be worth another way);
+    never for replies passed on packed (:class:`~swarm.mesh.link.Packed`)."""
+    return (isinstance(reply, dict) and not reply.get("ok")
+            and (reply.get("error") or {}).get("code") == "unavailable")
 
 
 def _deferred(result: dict | Deferred) -> Deferred:

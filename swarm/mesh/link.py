@@ -13,19 +13,31 @@ Calls made in one reactor turn with the same deadline, hops and address go out a
 one message for the whole group, answered by ``brep`` messages that each settle a run of
 the group's callers, in order. A client's batch of 256 gets for keys of one owner so
 costs each hop one message instead of 256. A lone call still goes as a plain ``req``.
+
+A peer whose hello said ``raw`` answers groups with their replies encoded as one item
+(``brep.raw``). A relay asks for them as they came (``passthrough``): a run of replies
+that answers callers none of whom has an answer yet is handed over whole, as
+:class:`Packed`, and sent on as it came, so the values in it are neither decoded nor
+encoded again on the way. Everywhere else the replies are decoded and checked here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from swarm.correlate import Correlator
-from swarm.errors import SwarmError, Timeout, Unavailable
+from twisted.logger import Logger
+
+from swarm.errors import InternalError, SwarmError, Timeout, Unavailable
+from swarm.mesh.peer_wire import PeerProtocolError, reply_count, unpack_replies
 from swarm.protocol.wire import error_reply, request_id
+
+_log = Logger()
 
 #: The most calls one ``breq`` carries (a client's batch may hold 10,000).
 MAX_GROUP = 1024
@@ -33,17 +45,67 @@ MAX_GROUP = 1024
 _Group = tuple[int, int, "str | None"]  # (ms, hops, to)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """The replies to ``count`` calls of a group, in order, as a peer encoded them."""
+
+    raw: bytes
+    count: int
+
+
+class _InRun:
+    def __repr__(self) -> str:
+        return "IN_RUN"
+
+
+#: Where a group's replies come as :class:`Packed`, what stands for each call after
+#: the first of the run (whose place holds the Packed).
+IN_RUN = _InRun()
+
+
+def unpacked(replies: list, requests: list, peer: str) -> list[dict]:
+    """``replies`` of :meth:`PeerLink.call_group` with each :class:`Packed` run
+    decoded in its place, for a node that reads them."""
+    if not any(isinstance(reply, Packed) for reply in replies):
+        return replies
+    out: list[dict] = []
+    for i, reply in enumerate(replies):
+        if isinstance(reply, Packed):
+            out.extend(_decoded(reply.raw, requests[i:i + reply.count], peer))
+        elif reply is not IN_RUN:
+            out.append(reply)
+    return out
+
+
+def _decoded(raw: bytes, requests: list, peer: str) -> list[dict]:
+    """The replies ``raw`` holds, or an error reply for each of ``requests`` when it
+    does not hold as many well-formed replies (the peer, or a node behind it, is
+    broken or lying: the callers hear so, the link stays)."""
+    try:
+        replies = unpack_replies(raw)
+        if len(replies) == len(requests):
+            return replies
+        problem = f"{len(replies)} replies for {len(requests)} requests"
+    except PeerProtocolError as e:
+        problem = str(e)
+    _log.warn("malformed group replies through {peer}: {problem}", peer=peer, problem=problem)
+    error = InternalError(f"malformed replies came through {peer}")
+    return [error_reply(request_id(request), error) for request in requests]
+
+
 class PeerLink:
     """One connection to one neighbor; ``peer`` is the neighbor's node id.
 
-    ``batches`` says whether the peer takes ``breq`` (see the module docstring)."""
+    ``batches`` says whether the peer takes ``breq``, ``raw`` whether it takes
+    ``brep.raw`` (see the module docstring)."""
 
     def __init__(
         self, peer: str, send: Callable[[list[dict]], None], clock: IReactorTime,
-        batches: bool = False,
+        batches: bool = False, raw: bool = False,
     ) -> None:
         self.peer = peer
         self.batches = batches
+        self.raw = raw
         self._send = send
         self._clock = clock
         self._calls = Correlator(clock)
@@ -107,11 +169,13 @@ class PeerLink:
         self._send(messages)
 
     def call_group(self, requests: list[dict], timeout: float, hops: int,
-                   to: str | None = None) -> Deferred:
+                   to: str | None = None, passthrough: bool = False) -> Deferred:
         """Forward ``requests`` as groups of their own (after the calls queued before
         them); fires with their replies in order, errors as error replies. One
         Deferred for them all: a relay passes a group on without one per request.
-        The peer must take ``breq`` (:attr:`batches`)."""
+        With ``passthrough``, runs of replies may come as :class:`Packed` followed
+        by :data:`IN_RUN` (:func:`unpacked` decodes them). The peer must take
+        ``breq`` (:attr:`batches`)."""
         if not self.batches:
             raise ValueError(f"{self.peer} does not take groups")
         self.flush()
@@ -126,9 +190,19 @@ class PeerLink:
             if not left[0]:
                 done.callback(replies)
 
+        def settle_run(i: int, packed: Packed) -> None:
+            replies[i] = packed
+            replies[i + 1:i + packed.count] = [IN_RUN] * (packed.count - 1)
+            left[0] -= packed.count
+            if not left[0]:
+                done.callback(replies)
+
         self._send([
-            self._group_message(requests[start:start + MAX_GROUP], ms, hops, to,
-                                lambda i, reply, start=start: settle(start + i, reply))
+            self._group_message(
+                requests[start:start + MAX_GROUP], ms, hops, to,
+                lambda i, reply, start=start: settle(start + i, reply),
+                (lambda i, packed, start=start: settle_run(start + i, packed))
+                if passthrough else None)
             for start in range(0, len(requests), MAX_GROUP)
         ])
         return done
@@ -147,10 +221,12 @@ class PeerLink:
         return d
 
     def _group_message(self, requests: list[dict], ms: int, hops: int, to: str | None,
-                       settle: Callable[[int, dict], None]) -> dict:
-        """A ``breq`` of ``requests``; ``settle(i, reply)`` hears each reply once."""
+                       settle: Callable[[int, dict], None],
+                       settle_run: Callable[[int, Packed], None] | None = None) -> dict:
+        """A ``breq`` of ``requests``; ``settle(i, reply)`` hears each reply once, or
+        ``settle_run(i, packed)`` a run of them as they came, when given."""
         rid, d = self._calls.expect(ms / 1000, self._timed_out)
-        self._groups[rid] = _Waiting(settle, len(requests))
+        self._groups[rid] = _Waiting(settle, requests, settle_run)
         d.addErrback(self._group_failed, rid, requests)
         msg = {"t": "breq", "rid": rid, "ms": ms, "hops": hops, "reqs": requests}
         if to is not None:
@@ -179,14 +255,21 @@ class PeerLink:
         """Deliver a reply; False when nothing waits for it (late or unknown)."""
         return self._calls.resolve(rid, reply)
 
-    def on_group_reply(self, rid: int, at: int, replies: list[dict]) -> bool:
-        """Deliver the replies to calls ``at`` ... of group ``rid``; False when nothing
-        waits for them (late, unknown, or out of the group's range)."""
+    def on_group_reply(self, rid: int, at: int, replies: list[dict] | bytes) -> bool:
+        """Deliver the replies to calls ``at`` ... of group ``rid`` (a ``brep``'s
+        ``reps``, or its ``raw``); False when nothing waits for them (late, unknown,
+        or out of the group's range)."""
         waiting = self._groups.get(rid)
-        if waiting is None or at + len(replies) > waiting.size:
+        if waiting is None:
             return False
-        for i, reply in enumerate(replies, at):
-            waiting.answer(i, reply)
+        count = len(replies) if isinstance(replies, list) else reply_count(replies)
+        if count is None or at + count > waiting.size:
+            return False
+        if isinstance(replies, bytes) and not waiting.answer_run(at, Packed(replies, count)):
+            replies = _decoded(replies, waiting.requests[at:at + count], self.peer)
+        if isinstance(replies, list):
+            for i, reply in enumerate(replies, at):
+                waiting.answer(i, reply)
         if not waiting.left:
             del self._groups[rid]
             self._calls.resolve(rid, None)
@@ -212,17 +295,31 @@ class _Waiting:
     """The callers of one group sent: who hears each reply, and which are answered
     (a reply is delivered once, however often a peer sends it)."""
 
-    def __init__(self, settle: Callable[[int, dict], None], size: int) -> None:
+    def __init__(self, settle: Callable[[int, dict], None], requests: list[dict],
+                 settle_run: Callable[[int, Packed], None] | None) -> None:
         self.settle = settle
-        self.size = size
-        self.left = size
-        self._answered = [False] * size
+        self.settle_run = settle_run
+        self.requests = requests
+        self.size = len(requests)
+        self.left = self.size
+        self._answered = [False] * self.size
 
     def answer(self, i: int, reply: dict) -> None:
         if not self._answered[i]:
             self._answered[i] = True
             self.left -= 1
             self.settle(i, reply)
+
+    def answer_run(self, at: int, packed: Packed) -> bool:
+        """Hand ``packed`` over whole, if this group takes runs and none of the
+        callers it answers has heard yet; False otherwise (decode it instead)."""
+        end = at + packed.count
+        if self.settle_run is None or any(self._answered[at:end]):
+            return False
+        self._answered[at:end] = [True] * packed.count
+        self.left -= packed.count
+        self.settle_run(at, packed)
+        return True
 
     def unanswered(self) -> list[int]:
         return [i for i, done in enumerate(self._answered) if not done]

@@ -35,9 +35,9 @@ from twisted.python.failure import Failure
 
 from swarm.errors import InternalError, Timeout
 from swarm.logs import logger
-from swarm.mesh.link import PeerLink
+from swarm.mesh.link import Packed, PeerLink, unpacked
 from swarm.mesh.membership import Announcement, AnnouncementGate, Membership
-from swarm.mesh.peer_wire import bye, hello
+from swarm.mesh.peer_wire import bye, hello, packed_replies
 from swarm.protocol.wire import error_reply, request_id
 
 #: Seconds a peer has, from the WebSocket opening, to say hello and give its proof
@@ -326,17 +326,18 @@ class Overlay:
         return links[0].call(request, timeout, hops, to=node if addressed else None)
 
     def forward_group(self, node: str, requests: list[dict], timeout: float,
-                      hops: int) -> Deferred | None:
+                      hops: int, passthrough: bool = False) -> Deferred | None:
         """Send ``requests`` one hop toward ``node`` as one group, each routed again
-        by the next hop; a Deferred of their replies in order, or None when the link
-        that way does not take groups. LookupError when there is no way."""
+        by the next hop; a Deferred of their replies in order (with ``passthrough``,
+        as :meth:`~swarm.mesh.link.PeerLink.call_group` gives them), or None when
+        the link that way does not take groups. LookupError when there is no way."""
         neighbor = self.membership.next_hop(node)
         links = self._links.get(neighbor) if neighbor else None
         if not links:
             raise LookupError(node)
         if not links[0].batches:
             return None
-        return links[0].call_group(requests, timeout, hops)
+        return links[0].call_group(requests, timeout, hops, passthrough=passthrough)
 
     def receive_request(self, link: PeerLink, msg: dict) -> None:
         rid = msg["rid"]
@@ -347,11 +348,13 @@ class Overlay:
         self._serve(msg, [msg["req"]], lambda reps: answer(reps[0]))
 
     def receive_group(self, link: PeerLink, msg: dict) -> None:
-        """A ``breq``: its requests run side by side, answered by one ``brep``."""
+        """A ``breq``: its requests run side by side, answered by one ``brep`` (more
+        where a relay passes on runs of replies as they came)."""
         rid, at = msg["rid"], msg.get("at", 0)
 
         def answer(reps: list[dict]) -> None:
-            link.send([{"t": "brep", "rid": rid, "at": at, "reps": reps}])
+            link.send([packed_replies(rid, at, reps) if link.raw
+                       else {"t": "brep", "rid": rid, "at": at, "reps": reps}])
 
         relayed = self._relayed(msg)
         if relayed is None:
@@ -359,9 +362,12 @@ class Overlay:
             return
         self._serving += 1
 
-        def done(reps: list[dict]) -> None:
+        def done(reps: list) -> None:
             self._serving -= 1
-            answer(reps)
+            if link.raw:
+                link.send(_group_replies(rid, at, reps))
+            else:
+                answer(unpacked(reps, msg["reqs"], link.peer))
 
         relayed.addErrback(_internal_errors, msg["reqs"]).addCallback(done)
 
@@ -422,9 +428,29 @@ class Overlay:
             _log.debug("late reply {rid} from {peer}", rid=msg["rid"], peer=link.peer)
 
     def receive_group_reply(self, link: PeerLink, msg: dict) -> None:
-        if not link.on_group_reply(msg["rid"], msg["at"], msg["reps"]):
+        replies = msg["raw"] if "raw" in msg else msg["reps"]
+        if not link.on_group_reply(msg["rid"], msg["at"], replies):
             _log.debug("late or stray group reply {rid} from {peer}", rid=msg["rid"],
                        peer=link.peer)
+
+
+def _group_replies(rid: int, at: int, reps: list) -> list[dict]:
+    """``brep`` messages for a peer that takes ``raw``: each
+    :class:`~swarm.mesh.link.Packed` run as it came, the replies between them packed."""
+    messages = []
+    i = start = 0
+    while i < len(reps):
+        rep = reps[i]
+        if isinstance(rep, Packed):
+            if start < i:
+                messages.append(packed_replies(rid, at + start, reps[start:i]))
+            messages.append({"t": "brep", "rid": rid, "at": at + i, "raw": rep.raw})
+            i = start = i + rep.count
+        else:
+            i += 1
+    if start < len(reps):
+        messages.append(packed_replies(rid, at + start, reps[start:]))
+    return messages
 
 
 def _internal_errors(failure: Failure, requests: list) -> list[dict]:

@@ -5,8 +5,9 @@ so batching many messages in one frame costs nothing extra. Each message has a t
 ``t``:
 
 ``hello``  ``node``, ``proto``, ``swarm``, ``inc``, ``nonce`` (random bytes), ``auth``
-           (whether the sender holds a secret), ``batch`` (whether it takes ``breq``)
-           -- first message each way on a link
+           (whether the sender holds a secret), ``batch`` (whether it takes ``breq``),
+           ``raw`` (whether it takes ``brep`` with ``raw``) -- first message each way
+           on a link
 ``auth``   ``mac``: the sender's proof that it holds the swarm's secret, bound to both
            hellos (:mod:`swarm.mesh.auth`); sent after the peer's hello when secrets
            are in use, and nothing else is accepted until it checks out
@@ -19,8 +20,13 @@ so batching many messages in one frame costs nothing extra. Each message has a t
            optional ``at`` (the index of the first of them in the group ``rid``, when
            the group was cut into several messages); only to a peer whose hello said
            ``batch``
-``brep``   ``rid``, ``at``, ``reps``: the replies to requests ``at`` ... of group ``rid``,
-           in order; a group is answered by one or more of them
+``brep``   ``rid``, ``at``, and ``reps``: the replies to requests ``at`` ... of group
+           ``rid``, in order; a group is answered by one or more of them. To a peer
+           whose hello said ``raw``, ``raw`` may stand in for ``reps``: the CBOR
+           encoding of that array, as bytes, so that a relay passes the replies on
+           without decoding or encoding them (:mod:`swarm.mesh.link`); only its head
+           (a definite array of 1 to :data:`MAX_GROUP_REQUESTS`) is checked on the
+           way, the node that reads the replies checks the rest
 ``bye``    no fields -- the sender is stopping: route nothing more over this connection
            (as if it were down) but let the requests pending on it finish; a node that
            has not said ``bye`` itself answers with one. Messages on a connection are
@@ -115,6 +121,40 @@ def _frame(encoded: list[bytes]) -> bytes:
 _GROUPED = {"breq": "reqs", "brep": "reps"}
 
 
+def packed_replies(rid: int, at: int, replies: list[dict]) -> dict:
+    """A ``brep`` of ``replies`` sent as ``raw`` (to a peer that takes it): they are
+    encoded as one item when the message is (:func:`frames_of`), so a group too
+    large for a frame is still cut in halves first."""
+    return {"t": "brep", "rid": rid, "at": at, "reps": replies, "pack": True}
+
+
+def reply_count(raw: bytes) -> int | None:
+    """How many replies a ``brep``'s ``raw`` holds, read from its head alone; None
+    when it is not a definite CBOR array of 1 to MAX_GROUP_REQUESTS items."""
+    if not raw or raw[0] >> 5 != 4:
+        return None
+    info = raw[0] & 0x1F
+    if info < 24:
+        count = info
+    elif 24 <= info <= 27:
+        size = 1 << (info - 24)
+        if len(raw) < 1 + size:
+            return None
+        count = int.from_bytes(raw[1:1 + size], "big")
+    else:
+        return None
+    return count if 0 < count <= MAX_GROUP_REQUESTS else None
+
+
+def unpack_replies(raw: bytes) -> list[dict]:
+    """The replies a ``brep``'s ``raw`` holds, checked as ``reps`` would be."""
+    try:
+        replies = decode_cbor(raw, PEER_SCAN_FROM, references=False)
+    except Exception as e:
+        raise PeerProtocolError(f"undecodable brep.raw: {e}") from None
+    return _maps({"t": "brep", "raw": replies}, "raw", MAX_GROUP_REQUESTS)
+
+
 def frames_of(messages: list[dict], refuse) -> Iterator[bytes]:
     """Peer frames holding ``messages`` in order, each about FRAME_TARGET at most.
 
@@ -145,13 +185,13 @@ def _encoded(messages: list[dict], refuse) -> Iterator[bytes]:
         msg = work.pop()
         data: bytes | None = None
         try:
-            data = encode_message(msg)
+            data = encode_message(_packed(msg) if "pack" in msg else msg)
             error = None if len(data) <= MAX_PEER_MESSAGE - 16 else TooLarge(
                 f"a {len(data)}-byte peer message exceeds the limit of {MAX_PEER_MESSAGE}")
         except Exception as e:
             error = InternalError(f"an unencodable peer message: {e}")
         field = _GROUPED.get(msg.get("t"))
-        if field is not None and len(msg[field]) > 1 and (data is None or len(data) > FRAME_TARGET):
+        if field in msg and len(msg[field]) > 1 and (data is None or len(data) > FRAME_TARGET):
             # in halves, down to the one request or reply that cannot go if there is one
             items, at = msg[field], msg.get("at", 0)
             half = len(items) // 2
@@ -162,6 +202,10 @@ def _encoded(messages: list[dict], refuse) -> Iterator[bytes]:
             data = refuse(msg, error)
         if data is not None:
             yield data
+
+
+def _packed(msg: dict) -> dict:
+    return {"t": "brep", "rid": msg["rid"], "at": msg["at"], "raw": cbor2.dumps(msg["reps"])}
 
 
 def decode_peer_frame(payload: bytes, is_binary: bool) -> list[dict]:
@@ -231,7 +275,7 @@ def _check(msg: Any) -> dict:
         _str(msg, "node"), _str(msg, "swarm"), _int(msg, "proto"), _int(msg, "inc")
         if "nonce" in msg:  # nodes before issue 8 send none
             _bytes(msg, "nonce", NONCE_BYTES)
-        for flag in ("auth", "batch"):
+        for flag in ("auth", "batch", "raw"):
             if not isinstance(msg.get(flag, False), bool):
                 raise PeerProtocolError(f"hello.{flag} must be a boolean")
     elif t == "auth":
@@ -260,7 +304,12 @@ def _check(msg: Any) -> dict:
             _int(msg, "at", MAX_GROUP_REQUESTS)
     elif t == "brep":
         _int(msg, "rid"), _int(msg, "at", MAX_GROUP_REQUESTS)
-        _maps(msg, "reps", MAX_GROUP_REQUESTS)
+        if "raw" not in msg:
+            _maps(msg, "reps", MAX_GROUP_REQUESTS)
+        elif "reps" in msg or not isinstance(msg["raw"], bytes) or reply_count(msg["raw"]) is None:
+            raise PeerProtocolError(
+                "brep.raw must be, instead of brep.reps, the bytes of a definite array "
+                f"of 1 to {MAX_GROUP_REQUESTS} replies")
     elif t != "bye":
         raise PeerProtocolError(f"unknown peer message type {t!r}")
     return msg
@@ -269,7 +318,7 @@ def _check(msg: Any) -> dict:
 def hello(node: str, swarm: str, incarnation: int, nonce: bytes | None = None,
           auth: bool = False) -> dict:
     msg = {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
-           "inc": incarnation, "auth": auth, "batch": True}
+           "inc": incarnation, "auth": auth, "batch": True, "raw": True}
     if nonce is not None:
         msg["nonce"] = nonce
     return msg

@@ -37,6 +37,8 @@ from swarm.mesh.peer_wire import (
     encode_message,
     encode_peer_frame,
     frames_of,
+    reply_count,
+    unpack_replies,
 )
 from swarm.mesh.session import PeerSession
 from swarm.protocol.wire import error_reply, request_id
@@ -118,8 +120,8 @@ class _PeerProtocolMixin:
         if t == "rep":
             return encode_message(dict(msg, rep=error_reply(request_id(msg["rep"]), error)))
         if t == "brep":
-            return encode_message(dict(msg, reps=[
-                error_reply(request_id(rep), error) for rep in msg["reps"]]))
+            return encode_message({"t": t, "rid": msg["rid"], "at": msg["at"], "reps": [
+                error_reply(request_id(rep), error) for rep in _replies(msg)]})
         if link is not None:
             if t == "req":
                 link.on_reply(msg["rid"], error_reply(request_id(msg["req"]), error))
@@ -127,6 +129,17 @@ class _PeerProtocolMixin:
                 link.on_group_reply(msg["rid"], msg.get("at", 0), [
                     error_reply(request_id(req), error) for req in msg["reqs"]])
         return None
+
+
+def _replies(msg: dict) -> list:
+    """A ``brep``'s replies, for their ids; a ``raw`` that does not decode stands
+    for as many replies of unknown ids."""
+    if "reps" in msg:
+        return msg["reps"]
+    try:
+        return unpack_replies(msg["raw"])
+    except PeerProtocolError:
+        return [None] * (reply_count(msg["raw"]) or 1)
 
 
 def _link_options(factory, ping_interval: float, ping_timeout: float) -> None:

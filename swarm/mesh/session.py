@@ -240,7 +240,7 @@ class PeerSession:
         if reason is not None:
             return self._refuse(CLOSE_DUPLICATE_ID, reason)
         self.link = PeerLink(msg["node"], self._send_linked, overlay.clock,
-                             batches=msg.get("batch", False))
+                             batches=msg.get("batch", False), raw=msg.get("raw", False))
         self.state = State.LINKED
         self._stop_deadline()
         self._on_trusted()
