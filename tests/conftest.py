@@ -3,6 +3,9 @@ store on a fake clock."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import pytest
 import pytest_twisted
 
@@ -17,6 +20,24 @@ def on_asyncio(coro, timeout: float = 60.0):
     from twisted.internet.defer import Deferred
 
     return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(coro, timeout)))
+
+
+@contextlib.asynccontextmanager
+async def running(port: str = "tcp:0:interface=127.0.0.1", **options) -> AsyncIterator[SwarmNode]:
+    """For asyncio code: a node started on ``port`` with ``options``, stopped at the end
+    of the block."""
+    import asyncio
+
+    from twisted.internet import reactor  # pytest-twisted's asyncio reactor
+
+    loop = asyncio.get_running_loop()
+    node = SwarmNode(port, reactor=reactor, **options)
+    node.startService()
+    try:
+        await node.when_listening().asFuture(loop)
+        yield node
+    finally:
+        await node.stopService().asFuture(loop)
 
 
 async def start_node(**options) -> SwarmNode:

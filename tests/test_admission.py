@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 import websockets
+from conftest import running
 from test_bad_input import asyncio_test
 from test_bad_input import wait_until as until
 from twisted.internet import task
@@ -29,28 +30,11 @@ from swarm.edge import admission
 from swarm.edge.admission import Admission, TokenFile, origin_allowed
 from swarm.edge.web import build_site
 from swarm.node.config import NodeConfig
-from swarm.node.node import SwarmNode
 
 #: Upper bound for one wait on the network.
 STEP = 10.0
 TOKEN = "s3cret-token-for-tests"
 OTHER = "another-token"
-
-
-@contextlib.asynccontextmanager
-async def running(port: str = "tcp:0:interface=127.0.0.1",
-                  **options: Any) -> AsyncIterator[SwarmNode]:
-    """A node started on ``port`` with ``options``, stopped at the end of the block."""
-    from twisted.internet import reactor  # pytest-twisted's asyncio reactor
-
-    loop = asyncio.get_running_loop()
-    node = SwarmNode(port, reactor=reactor, **options)
-    node.startService()
-    try:
-        await node.when_listening().asFuture(loop)
-        yield node
-    finally:
-        await node.stopService().asFuture(loop)
 
 
 @contextlib.asynccontextmanager

@@ -1,10 +1,22 @@
-"""The Twisted client: a Deferred API over one WebSocket connection to any node."""
+"""The Python clients: Twisted (:class:`SwarmClient`, a Deferred API), asyncio
+(:mod:`swarm.client.aio`) and blocking (:mod:`swarm.client.blocking`).
 
-from swarm.client.connection import (
-    ConnectionClosed,
-    Pipeline,
-    RequestTracker,
-    SwarmClient,
-)
+The Twisted names are imported on first use, so the asyncio and blocking clients load
+without Twisted or Autobahn.
+"""
+
+from typing import Any
+
+from swarm.client.frames import ConnectionClosed
 
 __all__ = ["ConnectionClosed", "Pipeline", "RequestTracker", "SwarmClient"]
+
+_TWISTED = ("Pipeline", "RequestTracker", "SwarmClient")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TWISTED:
+        from swarm.client import connection
+
+        return getattr(connection, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

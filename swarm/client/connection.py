@@ -29,6 +29,15 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
+from swarm.client.frames import (  # re-exported: this module's public names
+    AUTOBATCH_BYTES,
+    AUTOBATCH_COUNT,
+    ENCODINGS,
+    MAX_PAYLOAD,
+    ConnectionClosed,
+    autobatches,
+    check_reply,
+)
 from swarm.correlate import Correlator
 from swarm.errors import SwarmError, Timeout, Unavailable, error_from_wire
 from swarm.logs import logger
@@ -37,25 +46,6 @@ from swarm.protocol.urls import client_endpoint
 from swarm.protocol.wire import decode_frame, encode_frame, join_frame
 
 _log = logger(__name__)
-
-#: The largest frame the client accepts from a node: generous, but bounded so a broken
-#: node cannot make the client buffer without limit.
-MAX_PAYLOAD = 64 * 1024 * 1024
-
-ENCODINGS = {"cbor": True, "json": False}  # encoding -> frames are binary
-
-#: Requests queued in one turn leave in frames of at most AUTOBATCH_COUNT requests and
-#: about AUTOBATCH_BYTES: below the 64 KiB from which a node scans a frame before it
-#: decodes it, and far below any node's frame and batch limits (defaults 4 MiB and
-#: 10,000), so batching never makes a frame a node refuses that the requests alone
-#: would not be. A request larger than that goes in a frame of its own.
-AUTOBATCH_BYTES = 60 * 1024
-AUTOBATCH_COUNT = 1024
-
-
-class ConnectionClosed(Unavailable):
-    """The connection closed (or was closed) before the reply arrived."""
-
 
 # -- the logic ---------------------------------------------------------------------------
 
@@ -149,18 +139,8 @@ class RequestTracker:
                 self._flush_call.cancel()
             self._flush_call = None
         queued, self._queued = self._queued, []
-        chunk: list[tuple[int, bytes, Deferred]] = []
-        size = 0
-        for item in queued:
-            if item[2].called:
-                continue  # cancelled or timed out while it waited
-            if chunk and (size + len(item[1]) > AUTOBATCH_BYTES
-                          or len(chunk) == AUTOBATCH_COUNT):
-                self._send_queued(chunk)
-                chunk, size = [], 0
-            chunk.append(item)
-            size += len(item[1])
-        if chunk:
+        waiting = [item for item in queued if not item[2].called]  # not cancelled, not timed out
+        for chunk in autobatches(waiting, lambda item: len(item[1])):
             self._send_queued(chunk)
 
     def _send_queued(self, chunk: list[tuple[int, bytes, Deferred]]) -> None:
@@ -179,7 +159,7 @@ class RequestTracker:
         """Send ``{"op": op, **args}``; fire with the success reply or raise its error."""
         request = {"op": op}
         request.update(args)
-        return self.raw_request(request).addCallback(_check_reply)
+        return self.raw_request(request).addCallback(check_reply)
 
     def batch(self, requests: Iterable[dict]) -> Deferred[list[dict]]:
         """Send the requests in one frame; fire with their replies in order.
@@ -266,12 +246,6 @@ class RequestTracker:
         self._flush_call = None
         self._queued = []
         self._calls.fail_all(reason)
-
-
-def _check_reply(reply: dict) -> dict:
-    if reply.get("ok") is True:
-        return reply
-    raise error_from_wire(reply.get("error"))
 
 
 # -- the public face ---------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Integrations of the blocking client with other frameworks (Django's cache)."""
