@@ -49,6 +49,8 @@ class NodeConfig:
     swarm: str = DEFAULT_SWARM
     port: Any = DEFAULT_PORT  # an endpoint description, a port number or an endpoint
     peer_port: Any = None
+    #: Where GET /metrics is served alone, with no token (None: on the client port only).
+    metrics_port: Any = None
     peers: tuple[str, ...] = ()
     replicas: int = 1
     write_ack: str = "all"

@@ -208,6 +208,7 @@ class NodeCore:
         stats["hedged"] = self.router.hedged
         stats["anti_entropy_rounds"] = self.anti_entropy.rounds
         stats["repairs"] = self.anti_entropy.repairs
+        stats["requests"] = self.router.meter.total  # client requests answered
         stats.update(self._extra_stats())
         return stats
 

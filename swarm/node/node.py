@@ -1,7 +1,7 @@
 """SwarmNode: one cache node as a Twisted MultiService, and its embedding API.
 
 A node owns its store and query router and listens with one twisted.web Site (clients
-at ``/``, peers at ``/peer``, ``GET /health``). It runs under twistd (see
+at ``/``, peers at ``/peer``, ``GET /health``, ``GET /metrics``). It runs under twistd (see
 :mod:`swarm.node.tap`) or inside an existing Twisted application::
 
     node = SwarmNode("tcp:0:interface=127.0.0.1")
@@ -26,12 +26,13 @@ from twisted.python.failure import Failure
 
 import swarm
 from swarm.edge.protocol import ClientFactory, FrameHandler
-from swarm.edge.web import build_site
+from swarm.edge.web import build_metrics_site, build_site
 from swarm.logs import logger
 from swarm.mesh.dialer import Upstream
 from swarm.mesh.protocol import PeerServerFactory
 from swarm.node.config import DEFAULT_PORT, NodeConfig
 from swarm.node.core import NodeCore
+from swarm.node.metrics import metrics_resource, registry_of
 from swarm.protocol.api import CacheOps
 from swarm.store.interface import IStore
 
@@ -201,11 +202,14 @@ class SwarmNode(MultiService, CacheOps):
         # With a peer port, peers use only that one: the client port can face users
         # while the peer port stays behind a firewall.
         peer_port = config.peer_port
+        #: This node's Prometheus registry (GET /metrics), read at scrape time.
+        self.metrics = registry_of(self)
+        metrics = metrics_resource(self.metrics)
         self._listener = _Listener(
             _endpoint(reactor, config.port),
             build_site(
                 self.client_factory, None if peer_port else peer_resource, self._health,
-                config, reactor,
+                config, reactor, metrics=metrics,
             ),
             factories, reactor,
         )
@@ -217,6 +221,13 @@ class SwarmNode(MultiService, CacheOps):
                 build_site(None, peer_resource, self._health, config, reactor), [], reactor,
             )
             self._peer_listener.setServiceParent(self)
+        self._metrics_listener: _Listener | None = None
+        if config.metrics_port is not None:
+            self._metrics_listener = _Listener(
+                _endpoint(reactor, config.metrics_port),
+                build_metrics_site(metrics, config, reactor), [], reactor,
+            )
+            self._metrics_listener.setServiceParent(self)
         for url in config.peers:
             self.add_peer(url)
         sweeper = TimerService(SWEEP_INTERVAL, self.store.sweep, SWEEP_LIMIT)
@@ -249,6 +260,34 @@ class SwarmNode(MultiService, CacheOps):
         )
         self._peer_listener.when_listening().addCallbacks(self._say_who_may_link,
                                                           lambda _: None)
+        self.when_listening().addCallbacks(lambda _: self._say_listening(), lambda _: None)
+
+    def listeners(self) -> dict[str, _Listener]:
+        """Each listener by what it serves: ``client`` (peers too, without a
+        --peer-port), ``peer`` and ``metrics`` when they have endpoints of their own."""
+        found = {"client": self._listener}
+        if self._peer_listener is not self._listener:
+            found["peer"] = self._peer_listener
+        if self._metrics_listener is not None:
+            found["metrics"] = self._metrics_listener
+        return found
+
+    def _say_listening(self) -> None:
+        """One line that says where the node listens, whom it dials, and whether it is
+        open or protected."""
+        config = self.config
+        metrics = [_ws_url(listener, "http") + "/metrics"
+                   for listener in (self._listener, self._metrics_listener) if listener]
+        _log.info(
+            "node {node} listening: clients at {clients}, peers at {peers}, metrics at "
+            "{metrics}; dialing {dialing}; client tokens {tokens}, peer secret {secret}, "
+            "allowed origins {origins}",
+            node=self.node_id, clients=self.url, peers=self.peer_url + "/peer",
+            metrics=", ".join(metrics), dialing=", ".join(config.peers) or "no one",
+            tokens="on" if config.client_token_file else "off",
+            secret="on" if config.peer_secret is not None else "off",
+            origins=", ".join(config.allowed_origins) or "none",
+        )
 
     def _say_who_may_link(self, port) -> None:
         """Peer links without a secret: said at start, loudly when others can reach it."""
@@ -306,7 +345,7 @@ class SwarmNode(MultiService, CacheOps):
     def when_listening(self) -> Deferred:
         """Fires with the client IListeningPort once the node listens on all its
         endpoints (start it first); fails as soon as one cannot, even late."""
-        listeners = dict.fromkeys([self._listener, self._peer_listener])
+        listeners = dict.fromkeys(self.listeners().values())
         every = DeferredList([listener.when_listening() for listener in listeners],
                              fireOnOneErrback=True, consumeErrors=True)
         return every.addCallbacks(lambda ports: ports[0][1], lambda f: f.value.subFailure)
@@ -360,9 +399,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _ws_url(listener: _Listener) -> str:
+def _ws_url(listener: _Listener, scheme: str = "ws") -> str:
+    """The ``scheme``:// URL of a listener (``wss``/``https`` over TLS); a non-TCP
+    listener (unix:) is named by its address."""
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     host = listener.port.getHost()
+    if not hasattr(host, "port"):
+        return str(host)
     tls = isinstance(getattr(listener.port, "factory", None), TLSMemoryBIOFactory)
-    return f"{'wss' if tls else 'ws'}://{host.host}:{host.port}"
+    return f"{scheme}{'s' if tls else ''}://{host.host}:{host.port}"

@@ -149,6 +149,9 @@ class Options(usage.Options):
         ["peer-port", None, None,
          "Endpoint for peer links (at /peer); when given, --port serves clients only. "
          "Default: peers use /peer on --port."],
+        ["metrics-port", None, None,
+         "Endpoint that serves GET /metrics alone, with no client token, e.g. for an "
+         "internal interface (/metrics on --port checks tokens like /)."],
         ["swarm", None, DEFAULT_SWARM,
          "Swarm name; links between nodes of different swarms are refused."],
         ["replicas", None, 1,
@@ -187,6 +190,9 @@ class Options(usage.Options):
          "Requests of one client connection worked on at once; past it the node reads "
          "no more from that connection until replies drain.", _positive_int],
         ["log-level", None, "info", "One of: " + ", ".join(logs.LEVELS) + "."],
+        ["log-format", None, "text",
+         "How log lines are written: text, or json (one JSON object a line, for log "
+         "shippers)."],
     ]
 
     def __init__(self) -> None:
@@ -213,7 +219,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        for option in ("port", "peer-port"):
+        for option in ("port", "peer-port", "metrics-port"):
             if self[option] is None:
                 continue
             try:
@@ -227,6 +233,10 @@ class Options(usage.Options):
         if self["log-level"] not in logs.LEVELS:
             raise usage.UsageError(
                 f"--log-level must be one of {', '.join(logs.LEVELS)}"
+            )
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be one of {', '.join(logs.FORMATS)}"
             )
 
 
@@ -261,14 +271,28 @@ class _TwistdNode(SwarmNode):
         except Exception:
             # Each listener and what it was asked to listen on (without a --peer-port,
             # one listener: --port's).
-            asked = {self._peer_listener: self.config.peer_port,
+            asked = {self._metrics_listener: self.config.metrics_port,
+                     self._peer_listener: self.config.peer_port,
                      self._listener: self.config.port}
             for listener, description in asked.items():
-                if listener.failure is not None:
+                if listener is not None and listener.failure is not None:
                     address, reason = listener.explain(listener.failure)
                     address = address or endpoint_description(description)
                     raise NotListening(address, reason) from None
             raise
+
+    def __init__(self, config: NodeConfig, log_observer=None) -> None:
+        super().__init__(config=config)
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent) -> None:
+        """twistd's application: with ``--log-format json`` it logs through this
+        node's observer, which twistd installs in place of its own text one."""
+        if self._log_observer is not None:
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
@@ -292,7 +316,20 @@ class _TwistdNode(SwarmNode):
         self.reactor.stop()
 
 
+def _log_file(twistd: usage.Options | None):
+    """Where twistd would write its log (``--logfile``, or stdout with ``-n``)."""
+    name = twistd.get("logfile") if twistd is not None else "-"
+    if name == "-" or (not name and twistd.get("nodaemon")):
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+
+    return LogFile.fromFullPath(name or "twistd.log")
+
+
 def makeService(options: Options) -> SwarmNode:
     logs.set_level(options["log-level"])
-    return _TwistdNode(config=NodeConfig.from_options(options))
+    observer = None
+    if options["log-format"] == "json":
+        observer = logs.json_observer(_log_file(options.parent))
+    return _TwistdNode(NodeConfig.from_options(options), observer)
 
