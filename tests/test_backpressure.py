@@ -116,7 +116,7 @@ class Held:
         self.waiting: list[tuple[Deferred, bytes]] = []
         self.admitted = 0
 
-    def process(self, payload: bytes, is_binary: bool) -> tuple[Any, int]:
+    def process(self, payload: bytes, is_binary: bool, admin: bool = True) -> tuple[Any, int]:
         obj = json.loads(payload)
         batch = obj if isinstance(obj, list) else [obj]
         if not all(isinstance(r, dict) and r.get("op") == "hold" for r in batch):
@@ -428,7 +428,7 @@ class FakeFrames:
     def __init__(self) -> None:
         self.waiting: list[Deferred] = []
 
-    def process(self, payload: bytes, is_binary: bool) -> tuple[Any, int]:
+    def process(self, payload: bytes, is_binary: bool, admin: bool = True) -> tuple[Any, int]:
         if payload.startswith(b"wait"):
             d: Deferred = Deferred()
             self.waiting.append(d)

@@ -341,7 +341,7 @@ ENVELOPE = [
     ("op-number", {"id": 10, "op": 1}, "bad_request", 10),
     ("op-null", {"id": 11, "op": None}, "bad_request", 11),
     ("op-array", {"id": "x", "op": ["ping"]}, "bad_request", "x"),
-    ("unknown-op", {"id": 12, "op": "flush"}, "unknown_op", 12),
+    ("unknown-op", {"id": 12, "op": "flushall"}, "unknown_op", 12),
     ("unknown-op-wrong-case", {"id": "s-1", "op": "PING"}, "unknown_op", "s-1"),
     ("unknown-op-empty", {"id": 13, "op": ""}, "unknown_op", 13),
     ("unknown-op-dunder", {"id": 14, "op": "__class__"}, "unknown_op", 14),

@@ -32,7 +32,7 @@ def test_every_op_runs_where_its_kind_says():
 
 def test_clients_may_not_send_internal_ops_but_peers_may():
     internal = [op.name for op in OPS.values() if op.kind is Kind.INTERNAL]
-    assert internal == ["restore", "compare", "take"]
+    assert internal == ["restore", "compare", "take", "keys_after", "clear"]
     assert not set(internal) & set(CLIENT_OPS)
     peer_parser = RequestParser(internal=True)
     assert peer_parser.parse({"id": 0, "op": "take", "keys": ["k"]})["keys"] == ["k"]
@@ -94,5 +94,6 @@ def test_only_peers_may_give_a_write_its_version_and_it_must_be_one():
 def test_reads_and_writes_that_need_nothing_stored_may_be_sent_again_and_no_other():
     again = {name for name, op in OPS.items()
              if op.resend({"id": 0, "op": name, "key": "k", "value": 1})}
-    assert again == {"get", "exists", "ttl", "mget", "set", "delete", "expire", "mset"}
+    assert again == {"get", "exists", "ttl", "mget", "set", "delete", "expire", "mset",
+                     "mdelete"}
     assert not OPS["set"].resend({"id": 0, "op": "set", "key": "k", "value": 1, "nx": True})

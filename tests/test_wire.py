@@ -27,6 +27,7 @@ from swarm.errors import (
     UnknownOp,
     error_from_wire,
 )
+from swarm.protocol import scan
 from swarm.protocol.ops import CLIENT_OPS
 from swarm.protocol.wire import (
     INT64_MAX,
@@ -269,12 +270,15 @@ VALID = {
     "incr": {"key": "k"},
     "mget": {"keys": ["a", "b"]},
     "mset": {"items": {"a": 1, "b": [2]}},
+    "mdelete": {"keys": ["a", "b"]},
+    "scan": {"match": "user:[ab]*", "count": 10},
+    "flush": {},
 }
 
 REQUIRED = {
     "owner": ["key"], "get": ["key"], "exists": ["key"], "delete": ["key"], "ttl": ["key"],
     "set": ["key", "value"], "expire": ["key", "ttl"], "incr": ["key"],
-    "mget": ["keys"], "mset": ["items"],
+    "mget": ["keys"], "mset": ["items"], "mdelete": ["keys"],
 }
 
 
@@ -313,7 +317,12 @@ def test_parse_missing_required_argument_names_it(parser, op, arg):
     + [("set", "nx", bad) for bad in (1, 0, "true", None)]
     + [("set", "xx", bad) for bad in (1, 0, "false", None)]
     + [("set", "value", bad) for bad in (float("nan"), {1: 2}, cbor2.undefined, nested_lists(33))]
-    + [("incr", "delta", bad) for bad in (None, "1", [1])],
+    + [("incr", "delta", bad) for bad in (None, "1", [1])]
+    + [("mdelete", "keys", bad) for bad in ("a", None, ["a", 1], [""])]
+    + [("scan", "count", bad) for bad in (0, -1, 10_001, 1.5, "10", True, None)]
+    + [("scan", "match", bad) for bad in (None, 1, b"a*", ["a"])]
+    + [("scan", "cursor", bad) for bad in (1, b"x", "not a cursor", "W10", "WzEsMl0", ["a"])]
+    + [("stats", "node", bad) for bad in ("", 1, None, "n" * 257)],
 )
 def test_parse_ill_typed_argument_is_bad_request(parser, op, arg, bad):
     obj = {"id": 1, "op": op, **VALID[op], arg: bad}
@@ -843,3 +852,16 @@ def test_expansion_budget_bounds_the_walk_of_a_shared_string_frame():
 def test_expansion_check_accepts_plain_cbor_of_small_integers():
     # the worst honest ratio: 1-byte integers that weigh 8 each
     assert decode_frame(cbor2.dumps(list(range(24)) * 5000), True)[-1] == 23
+
+
+def test_scan_cursor_null_or_absent_starts_and_a_given_one_round_trips(parser):
+    assert parser.parse({"id": 1, "op": "scan", "cursor": None})["cursor"] == scan.START
+    assert "cursor" not in parser.parse({"id": 1, "op": "scan"})
+    cursor = scan.encode_cursor((4095, "user:\u00e9/\"x\""))
+    assert parser.parse({"id": 1, "op": "scan", "cursor": cursor})["cursor"] == (
+        4095, "user:\u00e9/\"x\"")
+
+
+def test_scan_match_longer_than_a_key_is_too_large(parser):
+    with pytest.raises(TooLarge):
+        parser.parse({"id": 1, "op": "scan", "match": "*" * 1025})

@@ -14,6 +14,7 @@ from swarm.errors import SwarmError
 from swarm.logs import logger
 from swarm.protocol.entry import Entry
 from swarm.protocol.ops import Kind, ops_of
+from swarm.protocol.scan import matcher
 from swarm.store.interface import IStore
 
 _log = logger(__name__)
@@ -81,6 +82,21 @@ class StoreCommands:
 
     def handle_mset(self, r: dict) -> dict:
         return {"stored": self.store.set_many(r["items"], self._ttl(r), r.get("at"))}
+
+    def handle_mdelete(self, r: dict) -> dict:
+        at = r.get("at")
+        return {"deleted": sum(self.store.delete(key, at) for key in r["keys"])}
+
+    def handle_keys_after(self, r: dict) -> dict:
+        pattern = r.get("match")
+        keys, upto = self.store.keys_after(
+            r["after"], r["count"], None if pattern is None else matcher(pattern))
+        return {"keys": keys, "upto": None if upto is None else list(upto)}
+
+    def handle_clear(self, r: dict) -> dict:
+        flushed = self.store.clear(r["before"])
+        _log.info("flushed {flushed} entries", flushed=flushed)
+        return {"flushed": flushed}
 
     def handle_restore(self, r: dict) -> dict:
         return {"stored": self.merge(r["entries"])}

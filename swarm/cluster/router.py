@@ -1,7 +1,8 @@
 """QueryRouter: where each validated request runs, and its reply.
 
 Every request, from a client connection, the embedding API or a peer link, goes through
-:meth:`QueryRouter.route`. Node ops (ping, stats, nodes, owner) are answered here. A key
+:meth:`QueryRouter.route`. Node ops (ping, stats, nodes, owner) are answered here; scan
+and flush ask every node (:mod:`swarm.cluster.swarmwide`). A key
 op runs on this node's store when this node is the key's primary owner in its current
 view; otherwise it is forwarded one hop toward the owner, and that hop decides again
 with its own view. Every forwarded request carries the time it has left and the hops
@@ -21,10 +22,12 @@ from typing import Any, Callable, Protocol
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import Placement
 from swarm.cluster.rebalance import chunks
+from swarm.cluster.swarmwide import SwarmWide
 from swarm.correlate import Correlator
 from swarm.errors import (
     BadRequest,
@@ -35,6 +38,7 @@ from swarm.errors import (
 )
 from swarm.logs import logger
 from swarm.mesh.link import Packed
+from swarm.node.metrics import RequestMeter
 from swarm.protocol.ops import OPS, Kind, Op, ops_of
 from swarm.protocol.wire import RequestParser, error_reply, ok_reply, request_id, valid_id
 
@@ -104,6 +108,8 @@ class QueryRouter:
         self.node_id = node_id
         self.commands = commands
         self.overlay = overlay
+        #: Client requests by op and outcome, and their latency (GET /metrics).
+        self.meter = RequestMeter(self)
         self.replicas = replicas
         self.request_timeout = request_timeout
         self.max_hops = max_hops
@@ -114,7 +120,9 @@ class QueryRouter:
         self._origins: dict[frozenset[str], Placement] = {}
         self._last_view: frozenset[str] = frozenset([node_id])
         self._migrating_until = 0.0
-        self._node_ops: dict[str, Callable[[dict], dict]] = {
+        self.swarm_wide = SwarmWide(node_id, commands,
+                                    lambda: self.overlay.membership.reachable, self.send_to)
+        self._node_ops: dict[str, Callable[[dict], dict | Deferred]] = {
             op.name: getattr(self, "handle_" + op.name) for op in ops_of(Kind.NODE)
         }
 
@@ -151,14 +159,17 @@ class QueryRouter:
         While the swarm refuses this node's id (another live node has it), key ops are
         answered ``unavailable``: acknowledging writes that no other node will ever
         see would be worse than saying no."""
+        started = self.meter.clock.seconds()
         conflict = self.overlay.conflict
         kind = OPS[request["op"]].kind
         if conflict is not None and kind is not Kind.NODE:
-            return error_reply(request["id"], Unavailable(
+            reply = error_reply(request["id"], Unavailable(
                 f"this node does not serve keys while its id is refused: {conflict}"))
-        if kind is Kind.WRITE:  # its age, whenever and wherever it runs
-            request["at"] = self.commands.store.hlc.now()
-        return self.route(request, self.request_timeout, self.max_hops)
+        else:
+            if kind is Kind.WRITE:  # its age, whenever and wherever it runs
+                request["at"] = self.commands.store.hlc.now()
+            reply = self.route(request, self.request_timeout, self.max_hops)
+        return self.meter.record(request["op"], reply, started, request.get("key"))
 
     def route_forwarded(
         self, raw: Any, timeout: float, hops: int, to: str | None = None
@@ -203,6 +214,7 @@ class QueryRouter:
         #: next hop -> [(index, op, primary)] of the requests that go there as a group
         groups: dict[str, list[tuple[int, Op, str]]] = {}
         timeout, hops = self.request_timeout, self.max_hops
+        meter, started = self.meter, self.meter.clock.seconds()
         membership = self.overlay.membership
         grouping = self.overlay.conflict is None and hops > 0
         for i, request in enumerate(requests):
@@ -224,10 +236,14 @@ class QueryRouter:
             sent = self._send_group([(op, owner) for _, op, owner in members], group, via,
                                     timeout, hops, self.route)
             if sent is not None:
+                sent.addCallback(meter.record_group, [r["op"] for r in group], started,
+                                 [owner for _, _, owner in members])
                 waiting.append(sent.addCallback(lambda results, ix=indexes: fill(ix, results)))
             else:  # that neighbor takes no groups
                 for i in indexes:
-                    settle(i, self.route(requests[i], timeout, hops))
+                    op_name, key = requests[i]["op"], requests[i]["key"]
+                    settle(i, meter.record(op_name, self.route(requests[i], timeout, hops),
+                                           started, key))
         return replies, waiting
 
     def relay_group(self, raws: list, timeout: float, hops: int,
@@ -324,11 +340,11 @@ class QueryRouter:
 
     def _route(self, request: dict, timeout: float, hops: int, to: str | None) -> dict | Deferred:
         op = OPS[request["op"]]
+        if to is not None and to != self.node_id:  # addressed: run there
+            return self._forward(to, request, timeout, hops, addressed=True)
         if op.kind is Kind.NODE:
-            return ok_reply(request["id"], self._node_ops[op.name](request))
-        if to is not None:  # addressed: run there, whoever owns the key
-            if to != self.node_id:
-                return self._forward(to, request, timeout, hops, addressed=True)
+            return self._node_op(op, request)
+        if to is not None:  # addressed here, whoever owns the key
             if op.kind is Kind.READ and self.filling:  # a read sent here as a backup
                 raise Unavailable(f"{self.node_id} is still being filled by its partners")
             return self._run_local(request)
@@ -560,11 +576,28 @@ class QueryRouter:
 
     # -- node ops ---------------------------------------------------------------------
 
+    def _node_op(self, op: Op, request: dict) -> dict | Deferred:
+        result = self._node_ops[op.name](request)
+        if not isinstance(result, Deferred):
+            return ok_reply(request["id"], result)
+        return result.addCallbacks(lambda r: ok_reply(request["id"], r),
+                                   lambda f: _failed(request, f))
+
     def handle_ping(self, request: dict) -> dict:
         return {"node": self.node_id}
 
-    def handle_stats(self, request: dict) -> dict:
-        return {"stats": self._node_stats()}
+    def handle_stats(self, request: dict) -> dict | Deferred:
+        node = request.get("node", self.node_id)
+        if node == self.node_id:
+            return {"stats": self._node_stats()}
+        return self.send_to(node, {"id": request["id"], "op": "stats"}).addCallback(
+            lambda reply: {"stats": _results_of(reply)["stats"]})
+
+    def handle_scan(self, request: dict) -> Deferred:
+        return self.swarm_wide.scan(request)
+
+    def handle_flush(self, request: dict) -> Deferred:
+        return self.swarm_wide.flush()
 
     def handle_nodes(self, request: dict) -> dict:
         return {"self": self.node_id, "nodes": self.overlay.membership.report()}
@@ -588,6 +621,21 @@ def _lost(reply: dict | Packed) -> bool:
 
 def _deferred(result: dict | Deferred) -> Deferred:
     return result if isinstance(result, Deferred) else succeed(result)
+
+
+def _results_of(reply: dict) -> dict:
+    """A reply's results; its error raised."""
+    if reply.get("ok"):
+        return reply
+    raise error_from_wire(reply.get("error"))
+
+
+def _failed(request: dict, failure: Failure) -> dict:
+    """:func:`_answering` for an op whose answer failed later (a Deferred)."""
+    if failure.check(SwarmError):
+        return error_reply(request["id"], failure.value)
+    _log.failure("internal error handling {op}", failure, op=request["op"])
+    return error_reply(request["id"], InternalError("internal error"))
 
 
 def _answering(request: dict, run: Callable[..., Any], *args: Any) -> Any:

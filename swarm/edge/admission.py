@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from typing import Any, Iterable
 
 from twisted.internet.protocol import Protocol
@@ -41,14 +42,19 @@ def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
+#: The word after a token that marks it an admin's (``TOKEN admin``): it may flush.
+ADMIN = b"admin"
+
+
 class TokenFile:
-    """The client tokens of ``--client-token-file``: one a line, blank lines and ``#``
-    comments ignored. Read at start (no tokens there is an error: the operator asked
-    for tokens and would otherwise lock every client out) and on :meth:`reload`."""
+    """The client tokens of ``--client-token-file``: one a line, optionally followed
+    by the word ``admin`` (that token may also run admin ops: flush); blank lines and
+    ``#`` comments ignored. Read at start (no tokens there is an error: the operator
+    asked for tokens and would otherwise lock every client out) and on :meth:`reload`."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._digests = self._read()
+        self._digests, self._admins = self._read()
 
     def __repr__(self) -> str:  # never the tokens
         return f"<TokenFile {self.path!r}: {self.count} tokens>"
@@ -57,7 +63,7 @@ class TokenFile:
     def count(self) -> int:
         return len(self._digests)
 
-    def _read(self) -> tuple[bytes, ...]:
+    def _read(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         try:
             with open(self.path, "rb") as f:
                 lines = f.read().splitlines()
@@ -65,25 +71,35 @@ class TokenFile:
             raise ValueError(
                 f"client token file {self.path}: cannot read it ({e.strerror or e})"
             ) from None
-        tokens = [line.strip() for line in lines]
-        digests = tuple(_digest(t) for t in tokens if t and not t.startswith(b"#"))
+        digests, admins = [], []
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            if not words or words[0].startswith(b"#"):
+                continue
+            if words[1:] not in ([], [ADMIN]):
+                raise ValueError(
+                    f"client token file {self.path}, line {number}: a token may be "
+                    "followed only by the word admin")
+            digests.append(_digest(words[0]))
+            if words[1:]:
+                admins.append(digests[-1])
         if not digests:
             raise ValueError(
                 f"client token file {self.path}: no client tokens in it (one a line; "
                 "blank lines and # comments are ignored)"
             )
-        return digests
+        return tuple(digests), tuple(admins)
 
     def reload(self) -> bool:
         """Reread the file; on failure keep the tokens held and log why. Whether the
         new tokens are in use."""
         try:
-            digests = self._read()
+            digests, admins = self._read()
         except ValueError as e:
             _log.error("client tokens not reloaded, keeping {count} old ones: {reason}",
                        path=self.path, count=self.count, reason=str(e))
             return False
-        self._digests = digests
+        self._digests, self._admins = digests, admins
         _log.info("{count} client tokens loaded from {path}", path=self.path,
                   count=self.count)
         return True
@@ -91,11 +107,19 @@ class TokenFile:
     def valid(self, presented: bytes) -> bool:
         """Whether ``presented`` is one of the tokens, in time independent of which
         one matched or how much of it: every token is compared, with no early exit."""
-        wanted = _digest(presented)
-        found = False
-        for digest in self._digests:
-            found |= hmac.compare_digest(digest, wanted)
-        return found
+        return _among(presented, self._digests)
+
+    def admin(self, presented: bytes) -> bool:
+        """Whether ``presented`` is one of the tokens marked admin (as :meth:`valid`)."""
+        return _among(presented, self._admins)
+
+
+def _among(presented: bytes, digests: tuple[bytes, ...]) -> bool:
+    wanted = _digest(presented)
+    found = False
+    for digest in digests:
+        found |= hmac.compare_digest(digest, wanted)
+    return found
 
 
 # -- origins ----------------------------------------------------------------------------
@@ -115,6 +139,21 @@ def origin_allowed(origin: str, allowed: Iterable[str]) -> bool:
     return "*" in listed or origin in listed
 
 
+def _own_origin(request: Any, origin: str) -> bool:
+    """Whether ``origin`` is the node's own (its status page), addressed by IP or as
+    ``localhost``: a host name is left to ``--allowed-origin``, since a foreign page
+    whose name is rebound to the node's address would look like the node's own."""
+    host = (request.getHeader(b"host") or b"").decode("latin-1").strip().lower()
+    name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+    if name != "localhost":
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+    scheme = "https" if request.isSecure() else "http"
+    return _normal_origin(origin) == f"{scheme}://{host}"
+
+
 # -- the checks of one upgrade request ----------------------------------------------------
 
 
@@ -127,12 +166,16 @@ def _peer(request: Any) -> str:
 def _presented_token(request: Any) -> bytes | None:
     """The token of an ``Authorization: Bearer`` header, else of ``?token=``."""
     header = request.getHeader(b"authorization")
-    if header is not None:
-        scheme, _, token = header.strip().partition(b" ")
-        if scheme.lower() == b"bearer" and token.strip():
-            return token.strip()
+    token = _bearer(header) if header is not None else None
+    if token is not None:
+        return token
     values = request.args.get(b"token") if request.args else None
     return values[0] if values else None
+
+
+def _bearer(header: bytes) -> bytes | None:
+    scheme, _, token = header.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
 
 
 class Admission:
@@ -145,6 +188,7 @@ class Admission:
                  allowed_origins: Iterable[str] = ()) -> None:
         self.tokens: TokenFile | None = TokenFile(token_file) if token_file else None
         self.allowed_origins = tuple(allowed_origins)
+        self.refusals: dict[str, int] = {}  # reason -> requests refused (GET /metrics)
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> "Admission":
@@ -153,6 +197,17 @@ class Admission:
     def reload(self) -> bool:
         """Reread the client token file (no file configured: nothing to do, True)."""
         return self.tokens.reload() if self.tokens is not None else True
+
+    def admin(self, authorization: str | None, token_params: list[str] | None) -> bool:
+        """Whether a connection that presented these (its ``Authorization`` header and
+        ``?token=`` values, as Autobahn hands them over) may run admin ops: any
+        connection when there are no client tokens, else one with an admin token."""
+        if self.tokens is None:
+            return True
+        presented = _bearer(authorization.encode("latin-1")) if authorization else None
+        if presented is None and token_params:
+            presented = token_params[0].encode("utf-8")
+        return presented is not None and self.tokens.admin(presented)
 
     def refusal(self, request: Any) -> tuple[int, str] | None:
         """(HTTP status, reason) to refuse ``request`` with, or None to let it in."""
@@ -169,7 +224,7 @@ class Admission:
         text = origin.decode("latin-1")
         if _normal_origin(text) == "null":
             return 403, "null origin"  # Autobahn would refuse it anyway (allowNullOrigin)
-        if token_ok or origin_allowed(text, self.allowed_origins):
+        if token_ok or _own_origin(request, text) or origin_allowed(text, self.allowed_origins):
             return None
         return 403, "origin not allowed"
 
@@ -196,6 +251,8 @@ class GuardedResource(Resource):
         if refused is None:
             return self._upgrade(request)
         code, reason = refused
+        refusals = self.admission.refusals
+        refusals[reason] = refusals.get(reason, 0) + 1
         origin = request.getHeader(b"origin")
         _log.warn("refused client {peer}: {reason}", peer=_peer(request), reason=reason,
                   code=code, origin=origin.decode("latin-1") if origin is not None else None)

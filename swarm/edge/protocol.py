@@ -19,8 +19,9 @@ from zope.interface import implementer
 
 from swarm.cluster.router import QueryRouter
 from swarm.connections import ConnectionTracker
-from swarm.errors import InternalError, SwarmError, TooLarge
+from swarm.errors import InternalError, SwarmError, TooLarge, Unauthorized
 from swarm.logs import logger
+from swarm.protocol.ops import ADMIN_OPS
 from swarm.node.config import NodeConfig
 from swarm.protocol.wire import (
     RequestParser,
@@ -58,14 +59,17 @@ class FrameHandler:
         self.parser = parser
         self.router = router
 
-    def handle(self, payload: bytes, is_binary: bool) -> bytes | Deferred:
+    def handle(self, payload: bytes, is_binary: bool, admin: bool = True) -> bytes | Deferred:
         """The reply frame's payload, or a Deferred of it when a reply must wait."""
-        return self.process(payload, is_binary)[0]
+        return self.process(payload, is_binary, admin)[0]
 
-    def process(self, payload: bytes, is_binary: bool) -> tuple[bytes | Deferred, int]:
+    def process(self, payload: bytes, is_binary: bool,
+                admin: bool = True) -> tuple[bytes | Deferred, int]:
         """Like :meth:`handle`, and how many requests the frame holds (what the
         connection counts against ``max_in_flight``). Raises :class:`CloseConnection`
-        for a batch whose reply could not be sent at all."""
+        for a batch whose reply could not be sent at all. Without ``admin`` (a
+        connection whose client token is not an admin's), admin ops are refused
+        ``unauthorized``."""
         try:
             decoded = decode_frame(payload, is_binary)
         except SwarmError as e:
@@ -75,7 +79,7 @@ class FrameHandler:
         except SwarmError as e:
             return self._refuse_batch(decoded, e, is_binary), len(decoded)
         if not is_batch:
-            reply = self._handle_one(requests[0])
+            reply = self._handle_one(requests[0], admin)
             if isinstance(reply, Deferred):
                 return reply.addCallback(lambda r: self._encode([r], False, is_binary)), 1
             return self._encode([reply], False, is_binary), 1
@@ -83,7 +87,7 @@ class FrameHandler:
         parsed, where = [], []
         for i, obj in enumerate(requests):
             try:
-                parsed.append(self.parser.parse(obj))
+                parsed.append(_permitted(self.parser.parse(obj), admin))
                 where.append(i)
             except SwarmError as e:
                 replies[i] = error_reply(request_id(obj), e)
@@ -129,9 +133,9 @@ class FrameHandler:
             out += b"]"
         return bytes(out)
 
-    def _handle_one(self, obj: Any) -> dict | Deferred:
+    def _handle_one(self, obj: Any, admin: bool) -> dict | Deferred:
         try:
-            request = self.parser.parse(obj)
+            request = _permitted(self.parser.parse(obj), admin)
         except SwarmError as e:
             return error_reply(request_id(obj), e)
         return self.router.handle(request)
@@ -177,6 +181,12 @@ class FrameHandler:
                 error_reply(request_id(reply), InternalError("reply could not be encoded")),
                 is_binary,
             )
+
+
+def _permitted(request: dict, admin: bool) -> dict:
+    if not admin and request["op"] in ADMIN_OPS:
+        raise Unauthorized(f"{request['op']} needs an admin client token")
+    return request
 
 
 def _holds_container(reply: dict) -> bool:
@@ -225,9 +235,11 @@ class ClientSession:
     """
 
     def __init__(
-        self, connection: Connection, frames: FrameHandler, config: NodeConfig, clock: Any
+        self, connection: Connection, frames: FrameHandler, config: NodeConfig, clock: Any,
+        admin: bool = True,
     ) -> None:
         self.connection = connection
+        self.admin = admin  # may run admin ops (see FrameHandler.process)
         self.frames = frames
         self.clock = clock
         self.max_in_flight = config.max_in_flight
@@ -320,7 +332,7 @@ class ClientSession:
 
     def _work(self, payload: bytes, is_binary: bool) -> None:
         try:
-            reply, count = self.frames.process(payload, is_binary)
+            reply, count = self.frames.process(payload, is_binary, self.admin)
         except CloseConnection as e:
             _log.warn("closing client {peer} ({code}): {reason}",
                       peer=self.connection.peer, code=e.code, reason=e.reason)
@@ -399,10 +411,18 @@ class ClientProtocol(WebSocketServerProtocol):
 
     factory: "ClientFactory"
     session: ClientSession | None = None
+    admin = True
+
+    def onConnect(self, request: Any) -> None:
+        admission = self.factory.admission
+        if admission is not None:
+            self.admin = admission.admin(request.headers.get("authorization"),
+                                         request.params.get("token"))
 
     def onOpen(self) -> None:
         factory = self.factory
-        self.session = ClientSession(self, factory.frames, factory.config, factory.clock)
+        self.session = ClientSession(self, factory.frames, factory.config, factory.clock,
+                                     self.admin)
         # The session learns when the write buffer fills and drains by being the
         # transport's producer. Twisted Web registered its HTTP channel there, which
         # has nothing more to produce once the connection is a WebSocket.
@@ -469,6 +489,9 @@ class ClientFactory(WebSocketServerFactory, ConnectionTracker):
         self.config = config
         self.clock = clock
         self.draining = False
+        #: The client listener's admission policy, which says who may run admin ops
+        #: (set by the site; None: everyone may).
+        self.admission: Any = None
         max_message_size = config.max_message_size
         # One call: Autobahn resets allowNullOrigin on every setProtocolOptions.
         self.setProtocolOptions(

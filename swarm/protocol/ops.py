@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable
 
 
 class Kind(enum.Enum):
-    #: Answered by the node that receives it (ping, stats, nodes, owner).
+    #: Answered by the node that receives it (ping, stats, nodes, owner), which may
+    #: ask others (scan, flush, stats of another node).
     NODE = "node"
     #: Reads keys: runs where the keys are held.
     READ = "read"
@@ -30,8 +31,8 @@ class Kind(enum.Enum):
 @dataclass(frozen=True)
 class Arg:
     """One argument: its name, the validator that checks it (a name the request
-    parser knows: key, keys, value, items, ttl, flag, delta, entries) and whether
-    it must be given."""
+    parser knows: key, keys, value, items, ttl, flag, delta, entries, digests, node,
+    cursor, match, count, position, version) and whether it must be given."""
 
     name: str
     check: str
@@ -118,7 +119,8 @@ TTL = Arg("ttl", "ttl", required=False)
 
 OPS: dict[str, Op] = {op.name: op for op in [
     Op("ping", Kind.NODE, "the id of the node that answers"),
-    Op("stats", Kind.NODE, "the answering node's counters"),
+    Op("stats", Kind.NODE, "a node's counters: the answering node's, or those of `node`",
+       (Arg("node", "node", False),)),
     Op("nodes", Kind.NODE, "the swarm as the answering node sees it"),
     Op("owner", Kind.NODE, "the nodes that hold a key, primary first", (KEY,)),
     Op("get", Kind.READ, "a key's value", (KEY,), _one_key, resend=_always),
@@ -137,6 +139,12 @@ OPS: dict[str, Op] = {op.name: op for op in [
        _keys_arg, _part_of_keys, _merge_values, resend=_always),
     Op("mset", Kind.WRITE, "store several values", (Arg("items", "items"), TTL),
        _items_keys, _part_of_items, _sum_of("stored"), blind=_always, resend=_always),
+    Op("mdelete", Kind.WRITE, "delete several keys", (Arg("keys", "keys"),),
+       _keys_arg, _part_of_keys, _sum_of("deleted"), resend=_always),
+    Op("scan", Kind.NODE, "one step of a scan over the swarm's keys",
+       (Arg("cursor", "cursor", False), Arg("match", "match", False),
+        Arg("count", "count", False))),
+    Op("flush", Kind.NODE, "remove every entry in the swarm (an admin token's op)"),
     # Handing entries to their new owner (Entry.to_wire forms); each is kept only
     # where it is newer than what the owner holds, so the last write wins.
     Op("restore", Kind.INTERNAL, "merge entries handed over by another node",
@@ -148,7 +156,16 @@ OPS: dict[str, Op] = {op.name: op for op in [
     # Moving entries from their previous owner on demand, right after a change.
     Op("take", Kind.INTERNAL, "remove and return entries for their new owner",
        (Arg("keys", "keys"),)),
+    # A scan's step on one node: its live keys after a position, in scan order.
+    Op("keys_after", Kind.INTERNAL, "this node's keys after a scan position",
+       (Arg("after", "position"), Arg("match", "match", False), Arg("count", "count"))),
+    # A flush on one node: entries older than `before` go, and none older comes back.
+    Op("clear", Kind.INTERNAL, "remove the entries written before a version",
+       (Arg("before", "version"),)),
 ]}
+
+#: Ops that need an admin token when client tokens are on.
+ADMIN_OPS = frozenset({"flush"})
 
 #: What a client may send.
 CLIENT_OPS: dict[str, Op] = {n: op for n, op in OPS.items() if op.kind is not Kind.INTERNAL}

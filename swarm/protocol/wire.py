@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import cbor2
 
 from swarm.errors import BadRequest, SwarmError, TooLarge, UnknownOp
+from swarm.protocol import scan
 from swarm.protocol.entry import Entry, version_from_wire
 from swarm.protocol.ops import CLIENT_OPS, OPS, Kind
 
@@ -37,6 +38,8 @@ VALUE_INT_MAX = 2**64 - 1
 
 #: The longest ttl accepted, in seconds (about 30 years); longer means "forever" anyway.
 MAX_TTL = 1e9
+#: The longest node id a client may name (as membership accepts from peers).
+MAX_NODE_ID_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -518,6 +521,12 @@ class RequestParser:
             "items": self._items,
             "entries": self._entries,
             "digests": self._digests,
+            "node": self._node,
+            "cursor": self._cursor,
+            "match": self._match,
+            "count": self._count,
+            "position": self._position,
+            "version": self._version,
         }
 
     def parse(self, obj: Any) -> dict:
@@ -623,3 +632,42 @@ class RequestParser:
         ):
             raise BadRequest(f"{name} must map partition numbers to 64-bit digests")
         return v
+
+    def _node(self, name: str, v: Any) -> str:
+        if not isinstance(v, str) or not v or utf8_size(v) > MAX_NODE_ID_BYTES:
+            raise BadRequest(f"{name} must be a node id (a non-empty string)")
+        return v
+
+    def _cursor(self, name: str, v: Any) -> scan.Position:
+        if v is None:
+            return scan.START
+        if not isinstance(v, str) or len(v) > 8 * self.limits.max_key_bytes + 64:
+            raise BadRequest(f"{name} must be the cursor of a previous scan reply, or null")
+        try:
+            return scan.decode_cursor(v)
+        except ValueError as e:
+            raise BadRequest(f"{name}: {e}") from None
+
+    def _match(self, name: str, v: Any) -> str:
+        if not isinstance(v, str):
+            raise BadRequest(f"{name} must be a glob pattern (a string)")
+        if utf8_size(v) > self.limits.max_key_bytes:
+            raise TooLarge(f"{name} is longer than the longest key")
+        return v
+
+    def _count(self, name: str, v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= scan.MAX_COUNT:
+            raise BadRequest(f"{name} must be an integer from 1 to {scan.MAX_COUNT:,}")
+        return v
+
+    def _position(self, name: str, v: Any) -> scan.Position:
+        try:
+            return scan.position_from_wire(v)
+        except ValueError as e:
+            raise BadRequest(f"{name}: {e}") from None
+
+    def _version(self, name: str, v: Any) -> tuple:
+        try:
+            return version_from_wire(v)
+        except ValueError as e:
+            raise BadRequest(f"{name}: {e}") from None

@@ -86,5 +86,14 @@ class IStore(Interface):
         """Live entries (not tombstones) per partition, for the copies a node reports
         by role; empty when the store does not count them."""
 
+    def keys_after(after: tuple[int, str], count: int, match: Any = None) -> tuple:
+        """A scan step on this store: up to ``count`` keys of live entries after the
+        position ``after`` in scan order (``match``: a predicate), and how far it
+        looked (see :func:`swarm.protocol.scan.keys_after`)."""
+
+    def clear(before: Version) -> int:
+        """Remove every entry and tombstone older than ``before`` and refuse older
+        ones from now on (a flush); how many live entries went."""
+
     def stats() -> dict:
         """Counters: keys, memory_bytes, max_memory_bytes, hits, misses, ..."""

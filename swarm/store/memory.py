@@ -35,7 +35,9 @@ from typing import Any, Callable, Iterator
 from zope.interface import implementer
 
 from swarm.errors import NotInteger, TooLarge
+from swarm.protocol import scan
 from swarm.protocol.entry import Entry, HybridClock, Version
+from swarm.protocol.scan import Position
 from swarm.protocol.wire import INT64_MAX, INT64_MIN, utf8_size
 from swarm.store.interface import IStore
 
@@ -173,7 +175,10 @@ class MemoryStore:
         (what a node reports as copies held by role)."""
         self._clock = clock
         self._partition = partition
-        self._per_partition: dict[int, int] = {}
+        #: partition -> the keys of its live entries (what a scan lists).
+        self._per_partition: dict[int, set[str]] = {}
+        #: Entries older than this were flushed: none comes back (see clear).
+        self._floor: Version = (0, 0, "")
         self.hlc = hlc if hlc is not None else HybridClock("local")
         self.max_memory = max_memory
         self.max_value_bytes = max_value_bytes
@@ -311,6 +316,8 @@ class MemoryStore:
         if at is None:
             return self.hlc.now()
         self.hlc.observe(at)
+        if at < self._floor:  # made before a flush that has run here: flushed with it
+            return None
         held = self._current(key)
         if held is None:
             return at
@@ -328,7 +335,7 @@ class MemoryStore:
     def put(self, entry: Entry) -> bool:
         self.hlc.observe(entry.version)
         held = self._current(entry.key)
-        if held is not None and _version(held) >= entry.version:
+        if entry.version < self._floor or (held is not None and _version(held) >= entry.version):
             self.outdated += 1
             return False
         if entry.deleted:
@@ -420,8 +427,11 @@ class MemoryStore:
         self._entries[key] = slot
         self.memory_bytes += slot[_SIZE]
         if self._partition is not None and slot[_VALUE] is not _DELETED:
-            p = self._partition(key)
-            self._per_partition[p] = self._per_partition.get(p, 0) + 1
+            keys = self._per_partition.get(p := self._partition(key))
+            if keys is None:
+                self._per_partition[p] = {key}
+            else:
+                keys.add(key)
         if slot[_EXPIRES] is not None:
             self._deadline_set(key, slot[_EXPIRES])
         self._evict_over_budget()
@@ -451,10 +461,10 @@ class MemoryStore:
             self._tombstones -= 1
         elif self._partition is not None:
             p = self._partition(key)
-            if self._per_partition[p] == 1:
+            keys = self._per_partition[p]
+            keys.discard(key)
+            if not keys:
                 del self._per_partition[p]
-            else:
-                self._per_partition[p] -= 1
 
     def _expired(self, key: str, slot: _Slot) -> None:
         self._remove(key, slot)
@@ -484,7 +494,31 @@ class MemoryStore:
 
     def partition_counts(self) -> dict[int, int]:
         self.sweep(limit=None)
-        return dict(self._per_partition)
+        return {p: len(keys) for p, keys in self._per_partition.items()}
+
+    def keys_after(self, after: Position, count: int,
+                   match: Callable[[str], object] | None = None) -> tuple[list[str], Position | None]:
+        """This store's side of a scan step (:func:`swarm.protocol.scan.keys_after`);
+        needs the ``partition`` function."""
+        if self._partition is None:
+            raise TypeError("a store without a partition function cannot be scanned")
+        self.sweep(limit=None)
+        return scan.keys_after(self._per_partition, after, count, match)
+
+    def clear(self, before: Version) -> int:
+        """Remove every entry and tombstone older than ``before`` (a flush stamped
+        where it entered the swarm), and from now on refuse entries older than it, so
+        a replica or a handoff cannot bring flushed entries back. How many live
+        entries went."""
+        self.hlc.observe(before)
+        self.sweep(limit=None)
+        self._floor = max(self._floor, before)
+        removed = 0
+        for key, slot in list(self._entries.items()):
+            if _version(slot) < before:
+                removed += slot[_VALUE] is not _DELETED
+                self._remove(key, slot)
+        return removed
 
     def stats(self) -> dict:
         # Everything due goes now so ``keys`` counts live entries only; amortized, as
