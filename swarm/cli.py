@@ -1,11 +1,17 @@
-"""The ``swarmcache`` command: one request to a node, the answer on stdout.
+"""The ``swarmcache`` command: requests to a node, the answer on stdout.
 
-Exit status: 0 success; 1 when the answer is "no" (get finds nothing, delete deleted
-nothing, exists is false, ttl finds no key, expire updated nothing, set --nx/--xx stored
-nothing); 2 for any error, with
-a one-line message on stderr. ``--json`` prints the whole reply as one JSON line for
-scripts. :func:`run` does all the work against an injected reactor so tests call it
-in-process; :func:`main` is the console script.
+Exit status: 0 success; 1 when the answer is "no" (get finds nothing, delete or del
+deleted nothing, exists is false, ttl finds no key, expire updated nothing, set
+--nx/--xx stored nothing); 2 for any error, with a one-line message on stderr.
+``--json`` prints the whole reply as one JSON line for scripts.
+
+It runs on the blocking client (:mod:`swarm.client.blocking`), which needs neither
+Twisted nor Autobahn, so a call starts in a fraction of the time a reactor takes.
+:func:`run` does all the work with injected streams, so tests call it in-process
+(from a thread, while the node runs in the reactor); :func:`main` is the console script.
+
+Values on the command line are typed (see :func:`typed_value`): ``set n 5`` stores the
+integer 5, so ``incr n`` works, as in Redis; ``--string`` keeps a value a string.
 """
 
 from __future__ import annotations
@@ -13,19 +19,21 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
-from typing import Any, Callable, NoReturn, TextIO
+from typing import Any, BinaryIO, Callable, NoReturn, TextIO
 
-from twisted.internet.defer import Deferred, ensureDeferred
-
-from swarm.client.connection import SwarmClient
-from swarm.errors import SwarmError, Unavailable
+import swarm
+from swarm.errors import SwarmError
 from swarm.protocol.ops import CLIENT_OPS
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
 OK, NO, ERROR = 0, 1, 2
+
+#: How many keys ``keys`` asks for per scan step.
+KEYS_STEP = 1000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +49,11 @@ class _Parser(argparse.ArgumentParser):
 
     def print_help(self, file: TextIO | None = None) -> None:
         super().print_help(file or self._stdout)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:  # --version writes to sys.stdout itself: to the injected streams
+            streams = {None: self._stdout, sys.stdout: self._stdout, sys.stderr: self._stderr}
+            streams.get(file, file).write(message)
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
@@ -63,44 +76,77 @@ def _ttl_or_none(text: str) -> float | None:
         ) from None
 
 
-def build_parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
-    def parser(**kwargs: Any) -> _Parser:
-        return _Parser(stdout=stdout, stderr=stderr, **kwargs)
+def typed_value(text: str) -> Any:
+    """A command-line value as the cache should hold it: what it reads as in JSON (an
+    integer, a float, true, false, null, an array, an object, a "quoted string"), and
+    anything else, such as ``hello world``, as that string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, float) and not math.isfinite(value):
+        return text  # 1e999: JSON reads infinity, which no value may hold
+    return value
 
-    top = parser(
-        prog="swarmcache",
-        description="Talk to a swarmcache node.",
+
+def _options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command takes, before or after its name. On the commands,
+    their defaults are left out, so that one given before the command is kept."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--url", default=default(os.environ.get("SWARMCACHE_URL") or DEFAULT_URL),
+        help="the node's WebSocket URL (default: $SWARMCACHE_URL or %s)" % DEFAULT_URL,
     )
-    top.add_argument(
-        "--url",
-        default=os.environ.get("SWARMCACHE_URL") or DEFAULT_URL,
-        help="the node's WebSocket URL (default: $SWARMCACHE_URL or %(default)s)",
+    parser.add_argument(
+        "--token", default=default(os.environ.get("SWARMCACHE_TOKEN")),
+        help="the client token, when the node asks for one (default: $SWARMCACHE_TOKEN)",
     )
-    top.add_argument("--json", action="store_true", help="print the whole reply as JSON")
-    top.add_argument(
-        "--timeout", type=float, default=10.0, metavar="S",
-        help="seconds to wait for the connection and the reply (default: %(default)s)",
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the whole reply as JSON")
+    parser.add_argument(
+        "--timeout", type=float, default=default(10.0), metavar="S",
+        help="seconds to wait for the connection and the reply (default: 10)",
     )
+
+
+def build_parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
+    top = _Parser(prog="swarmcache", description="Talk to a swarmcache node.",
+                  stdout=stdout, stderr=stderr)
+    top.add_argument("--version", action="version", version=f"swarmcache {swarm.__version__}")
+    _options(top, suppress=False)
     commands = top.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
 
-    def command(name: str) -> _Parser:
-        """A subcommand for one op of the table, described as the table describes it."""
-        return commands.add_parser(name, help=CLIENT_OPS[name].summary, stdout=stdout,
-                                   stderr=stderr)
+    def command(name: str, summary: str | None = None) -> _Parser:
+        """A subcommand, described as the op table describes its op."""
+        p = commands.add_parser(name, help=summary or CLIENT_OPS[name].summary,
+                                stdout=stdout, stderr=stderr)
+        _options(p, suppress=True)
+        return p
 
     command("ping")
     command("get").add_argument("key")
     p = command("set")
     p.add_argument("key")
-    p.add_argument("value")
+    p.add_argument("value", nargs="?",
+                   help="the value (typed: 5 is a number, [1,2] an array, hello a string); "
+                        "'-' reads it from stdin")
+    p.add_argument("--file", metavar="PATH", help="read the value from PATH")
     p.add_argument("--ttl", type=float, metavar="S", help="expire after S seconds")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--nx", action="store_true", help="only if the key is absent")
     only.add_argument("--xx", action="store_true", help="only if the key is present")
-    p.add_argument("--json-value", action="store_true", help="VALUE is JSON, not a string")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--string", action="store_true", help="store VALUE as a string, untyped")
+    kind.add_argument("--json-value", action="store_true",
+                      help="VALUE must be JSON (an error otherwise)")
     command("delete").add_argument("key")
+    command("del", "delete keys; how many existed").add_argument("keys", nargs="+",
+                                                                  metavar="KEY")
     command("exists").add_argument("key")
     p = command("expire")
     p.add_argument("key")
@@ -110,7 +156,18 @@ def build_parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     p.add_argument("key")
     p.add_argument("delta", type=int, nargs="?", default=1)
     command("mget").add_argument("keys", nargs="+", metavar="KEY")
-    command("stats")
+    p = command("mset", "store several values: KEY VALUE [KEY VALUE ...], typed as set's")
+    p.add_argument("pairs", nargs="+", metavar="KEY VALUE")
+    p.add_argument("--ttl", type=float, metavar="S", help="expire after S seconds")
+    p = command("scan", "one step of a scan: the next cursor (empty when done), then keys")
+    p.add_argument("--cursor", help="the cursor the previous step printed")
+    p.add_argument("--match", metavar="PATTERN", help="only keys matching this glob")
+    p.add_argument("--count", type=int, metavar="N", help="about this many keys (hint)")
+    command("keys", "every key matching a glob (a whole scan)").add_argument(
+        "pattern", nargs="?", default="*", metavar="PATTERN")
+    command("flush").add_argument("--yes", action="store_true", required=True,
+                                  help="yes, remove every entry in the swarm")
+    command("stats").add_argument("--node", help="another node's counters, through the swarm")
     command("nodes")
     command("owner").add_argument("key")
     return top
@@ -120,19 +177,51 @@ class _BadValue(Exception):
     pass
 
 
-def _request(args: argparse.Namespace) -> tuple[str, dict]:
+def _value(args: argparse.Namespace, stdin: BinaryIO) -> Any:
+    """set's value: from the command line (typed), stdin or a file (as they are)."""
+    if args.file is not None and args.value is not None:
+        raise _BadValue("give VALUE or --file, not both")
+    if args.file is None and args.value is None:
+        raise _BadValue("set needs a VALUE, '-' for stdin, or --file PATH")
+    if args.file is not None or args.value == "-":
+        try:
+            if args.file is not None:
+                with open(args.file, "rb") as f:
+                    raw = f.read()
+            else:
+                raw = stdin.read()
+        except OSError as e:
+            raise _BadValue(f"cannot read {args.file}: {e.strerror or e}") from None
+        try:
+            text: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None  # not text: stored as bytes
+        if args.json_value:
+            if text is None:
+                raise _BadValue("the value is not UTF-8 text, so not JSON")
+            return _strict_json(text)
+        return raw if text is None else text
+    if args.json_value:
+        return _strict_json(args.value)
+    return args.value if args.string else typed_value(args.value)
+
+
+def _strict_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise _BadValue(f"VALUE is not valid JSON: {e}") from None
+
+
+def _request(args: argparse.Namespace, stdin: BinaryIO) -> tuple[str, dict]:
     """The op and arguments for the parsed command line."""
     cmd = args.command
-    if cmd in ("ping", "stats", "nodes"):
+    if cmd in ("ping", "nodes", "flush"):
         return cmd, {}
+    if cmd == "stats":
+        return cmd, {} if args.node is None else {"node": args.node}
     if cmd == "set":
-        value: Any = args.value
-        if args.json_value:
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise _BadValue(f"VALUE is not valid JSON: {e}") from None
-        request = {"key": args.key, "value": value}
+        request = {"key": args.key, "value": _value(args, stdin)}
         if args.ttl is not None:
             request["ttl"] = args.ttl
         if args.nx:
@@ -140,12 +229,25 @@ def _request(args: argparse.Namespace) -> tuple[str, dict]:
         if args.xx:
             request["xx"] = True
         return cmd, request
+    if cmd == "mset":
+        if len(args.pairs) % 2:
+            raise _BadValue("mset takes KEY VALUE pairs: a value is missing")
+        items = {k: typed_value(v) for k, v in zip(args.pairs[::2], args.pairs[1::2])}
+        return cmd, {"items": items} if args.ttl is None else {"items": items, "ttl": args.ttl}
     if cmd == "expire":
         return cmd, {"key": args.key, "ttl": args.ttl}
     if cmd == "incr":
         return cmd, {"key": args.key, "delta": args.delta}
     if cmd == "mget":
         return cmd, {"keys": args.keys}
+    if cmd == "del":
+        return "mdelete", {"keys": args.keys}
+    if cmd == "scan":
+        request = {name: getattr(args, name) for name in ("cursor", "match", "count")
+                   if getattr(args, name) is not None}
+        return cmd, request
+    if cmd == "keys":
+        return "scan", {"match": args.pattern, "count": KEYS_STEP}
     return cmd, {"key": args.key}
 
 
@@ -191,6 +293,7 @@ _SHOW: dict[str, Callable[[dict], tuple[list[str], int]]] = {
     "get": lambda r: ([_value_text(r.get("value"))], OK) if r.get("found") else ([], NO),
     "set": lambda r: (["stored"], OK) if r.get("stored") else (["not stored"], NO),
     "delete": lambda r: (["deleted"], OK) if r.get("deleted") else (["not found"], NO),
+    "del": lambda r: ([str(r["deleted"])], OK if r.get("deleted") else NO),
     "exists": lambda r: (["true"], OK) if r.get("exists") else (["false"], NO),
     "expire": lambda r: (["updated"], OK) if r.get("updated") else (["not found"], NO),
     "ttl": lambda r: (_show_ttl(r), OK if r.get("found") else NO),
@@ -198,6 +301,10 @@ _SHOW: dict[str, Callable[[dict], tuple[list[str], int]]] = {
     "mget": lambda r: (
         [f"{k}\t{_value_text(v)}" for k, v in (r.get("values") or {}).items()], OK
     ),
+    "mset": lambda r: ([f"stored {r['stored']}"], OK),
+    "scan": lambda r: ([r.get("cursor") or "", *r.get("keys", [])], OK),
+    "keys": lambda r: (list(r.get("keys", [])), OK),
+    "flush": lambda r: ([f"flushed {r['flushed']}"], OK),
     "stats": lambda r: (
         [f"{k}: {_value_text(v)}" for k, v in sorted((r.get("stats") or {}).items())], OK
     ),
@@ -206,71 +313,72 @@ _SHOW: dict[str, Callable[[dict], tuple[list[str], int]]] = {
 }
 
 
-def _status(command: str, reply: dict) -> int:
-    return _SHOW[command](reply)[1]
-
-
 # -- running -----------------------------------------------------------------------------
 
 
-def run(reactor: Any, argv: list[str], stdout: TextIO, stderr: TextIO) -> Deferred[int]:
-    """Run one command line; fires with the exit status. Never fails."""
-    return ensureDeferred(_run(reactor, list(argv), stdout, stderr))
+def run(argv: list[str], stdout: TextIO, stderr: TextIO,
+        stdin: BinaryIO | None = None) -> int:
+    """Run one command line; the exit status. Never raises (but SystemExit for none)."""
 
-
-async def _run(reactor: Any, argv: list[str], stdout: TextIO, stderr: TextIO) -> int:
     def complain(message: str) -> int:
         stderr.write(f"swarmcache: {message}\n")
         return ERROR
 
     parser = build_parser(stdout, stderr)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(list(argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ERROR
     try:
-        op, request = _request(args)
+        op, request = _request(args, stdin if stdin is not None else sys.stdin.buffer)
     except _BadValue as e:
         return complain(str(e))
 
+    from swarm.client.blocking import BlockingSwarmClient  # after parsing: --help is quick
+
     try:
-        client = await SwarmClient.connect(
-            args.url, reactor=reactor, timeout=args.timeout, connect_timeout=args.timeout
-        )
-    except Unavailable as e:
-        return complain(e.message)
-    except Exception as e:  # a URL Autobahn cannot parse, and the like
+        client = BlockingSwarmClient(args.url, timeout=args.timeout,
+                                     connect_timeout=args.timeout, token=args.token,
+                                     pool_size=1)
+    except Exception as e:  # a URL that is not ws:// or wss://, and the like
         return complain(f"cannot connect to {args.url}: {e}")
     try:
-        try:
-            reply = await client.request(op, **request)
-        except SwarmError as e:
-            return complain(f"{e.code}: {e.message}")
-        except Exception as e:
-            return complain(f"{type(e).__name__}: {e}")
-    finally:
-        await client.close()
+        with client:
+            return _answer(args, op, request, client, stdout)
+    except SwarmError as e:
+        return complain(f"{e.code}: {e.message}")
+    except Exception as e:
+        return complain(f"cannot reach {args.url}: {type(e).__name__}: {e}")
 
+
+def _answer(args: argparse.Namespace, op: str, request: dict, client: Any,
+            stdout: TextIO) -> int:
+    if args.command == "keys":  # every step, printed as it comes
+        status = OK
+        while True:
+            reply = client.request(op, **request)
+            status = _print(args, reply, stdout)
+            if reply.get("cursor") is None:
+                return status
+            request["cursor"] = reply["cursor"]
+    return _print(args, client.request(op, **request), stdout)
+
+
+def _print(args: argparse.Namespace, reply: dict, stdout: TextIO) -> int:
+    lines, status = _SHOW[args.command](reply)
     if args.json:
         stdout.write(_json(reply) + "\n")
-        return _status(args.command, reply)
-    lines, status = _SHOW[args.command](reply)
+        return status
     for line in lines:
         stdout.write(line + "\n")
+    stdout.flush()
     return status
 
 
 def main() -> NoReturn:
     """The ``swarmcache`` console script."""
-    from twisted.internet.task import react
+    sys.exit(run(sys.argv[1:], sys.stdout, sys.stderr))
 
-    codes: list[int] = []
 
-    def go(reactor: Any) -> Deferred[None]:
-        return run(reactor, sys.argv[1:], sys.stdout, sys.stderr).addCallback(codes.append)
-
-    try:
-        react(go)
-    except SystemExit:
-        pass
-    sys.exit(codes[0] if codes else ERROR)
+if __name__ == "__main__":
+    main()

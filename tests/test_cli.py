@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import threads
 
 from swarm import cli
 
@@ -23,10 +23,11 @@ class Result:
         return f"<exit {self.code} out={self.out!r} err={self.err!r}>"
 
 
-async def swarmcache(*argv: str, url: str | None = None) -> Result:
+async def swarmcache(*argv: str, url: str | None = None, stdin: bytes = b"") -> Result:
+    """Run the command in a thread (it blocks), while the node serves in the reactor."""
     stdout, stderr = io.StringIO(), io.StringIO()
     args = (["--url", url] if url else []) + list(argv)
-    code = await cli.run(reactor, args, stdout, stderr)
+    code = await threads.deferToThread(cli.run, args, stdout, stderr, io.BytesIO(stdin))
     return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
@@ -51,8 +52,14 @@ async def test_set_then_get_a_string(node):
 
 
 @pytest_twisted.ensureDeferred
-async def test_values_are_strings_unless_json_value(node):
-    await swarmcache("set", "plain", "42", url=node.url)
+async def test_values_are_typed_as_json_reads_them_else_strings(node):
+    for text, stored in [("42", 42), ("-1.5", -1.5), ("true", True), ("null", None),
+                         ("[1, \"a\"]", [1, "a"]), ('{"a": 1}', {"a": 1}),
+                         ('"42"', "42"), ("hello world", "hello world"), ("1e999", "1e999"),
+                         ("{nope", "{nope"), ("", "")]:
+        assert (await swarmcache("set", "v", text, url=node.url)).code == 0
+        assert (await node.get("v")) == stored, text
+    await swarmcache("set", "plain", "42", "--string", url=node.url)
     assert (await node.get("plain")) == "42"
     r = await swarmcache("get", "plain", url=node.url)
     assert r.out == "42\n"  # a string, printed raw
@@ -207,7 +214,7 @@ async def test_unreachable_node_exits_2():
     url = f"ws://127.0.0.1:{_closed_port()}"
     r = await swarmcache("--timeout", "5", "get", "k", url=url)
     assert r.code == 2 and r.out == ""
-    assert r.err.startswith(f"swarmcache: cannot connect to {url}")
+    assert r.err.startswith(f"swarmcache: unavailable: cannot connect to {url}")
     assert r.err.count("\n") == 1
 
 
@@ -221,7 +228,6 @@ async def test_bad_url_exits_2():
     [],
     ["frobnicate"],
     ["get"],
-    ["set", "k"],
     ["incr", "k", "one"],
     ["expire", "k", "soon"],
     ["--timeout", "x", "ping"],
@@ -250,3 +256,100 @@ def test_default_url_without_environment(monkeypatch):
     monkeypatch.delenv("SWARMCACHE_URL", raising=False)
     parser = cli.build_parser(io.StringIO(), io.StringIO())
     assert parser.parse_args(["ping"]).url == "ws://127.0.0.1:8765"
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_n_5_then_incr_n(node):
+    await swarmcache("set", "n", "5", url=node.url)
+    r = await swarmcache("incr", "n", url=node.url)
+    assert (r.code, r.out) == (0, "6\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_value_from_stdin_or_a_file_as_it_is(node, tmp_path):
+    big = "x" * (512 * 1024)  # far past what an argument list takes
+    r = await swarmcache("set", "big", "-", url=node.url, stdin=big.encode())
+    assert r.code == 0 and (await node.get("big")) == big
+    path = tmp_path / "v.json"
+    path.write_bytes(b'{"a": [1, 2]}\n')
+    await swarmcache("set", "f", "--file", str(path), url=node.url)
+    assert (await node.get("f")) == '{"a": [1, 2]}\n'  # a file's text is kept as it is
+    await swarmcache("set", "j", "--file", str(path), "--json-value", url=node.url)
+    assert (await node.get("j")) == {"a": [1, 2]}
+    path.write_bytes(b"\xff\x00binary")
+    await swarmcache("set", "b", "--file", str(path), url=node.url)
+    assert (await node.get("b")) == b"\xff\x00binary"
+    r = await swarmcache("set", "k", url=node.url)
+    assert r.code == 2 and "needs a VALUE" in r.err
+    r = await swarmcache("set", "k", "v", "--file", str(path), url=node.url)
+    assert r.code == 2 and "not both" in r.err
+    r = await swarmcache("set", "k", "--file", str(tmp_path / "absent"), url=node.url)
+    assert r.code == 2 and "cannot read" in r.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_flags_after_the_command(node):
+    await node.set("k", "v")
+    r = await swarmcache("get", "k", "--json", "--url", node.url)
+    assert r.code == 0 and json.loads(r.out)["value"] == "v"
+    r = await swarmcache("--url", "ws://127.0.0.1:1", "get", "k", "--url", node.url)
+    assert r.code == 0 and r.out == "v\n"  # the later one wins
+    r = await swarmcache("--json", "get", "k", url=node.url)  # before still works
+    assert json.loads(r.out)["found"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_version():
+    import swarm
+
+    r = await swarmcache("--version")
+    assert (r.code, r.out) == (0, f"swarmcache {swarm.__version__}\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_mset_mget_del_keys_scan_flush(node):
+    r = await swarmcache("mset", "a", "1", "b", "[2]", "c", "three", url=node.url)
+    assert (r.code, r.out) == (0, "stored 3\n")
+    assert await node.mget(["a", "b", "c"]) == {"a": 1, "b": [2], "c": "three"}
+    r = await swarmcache("mset", "a", url=node.url)
+    assert r.code == 2 and "value is missing" in r.err
+    await node.mset({f"user:{i}": i for i in range(30)})
+    r = await swarmcache("keys", "user:1*", url=node.url)
+    assert sorted(r.out.split()) == sorted(["user:1"] + [f"user:1{i}" for i in range(10)])
+    r = await swarmcache("keys", url=node.url)
+    assert len(r.out.split()) == 33
+    r = await swarmcache("scan", "--count", "5", url=node.url)
+    cursor, *keys = r.out.splitlines()
+    assert cursor and len(keys) == 5
+    r = await swarmcache("scan", "--cursor", cursor, "--count", "100", url=node.url)
+    assert r.out.splitlines()[0] == "" and len(r.out.splitlines()) == 1 + 28
+    r = await swarmcache("del", "a", "b", "nope", url=node.url)
+    assert (r.code, r.out) == (0, "2\n")
+    r = await swarmcache("del", "nope", url=node.url)
+    assert (r.code, r.out) == (1, "0\n")
+    r = await swarmcache("flush", url=node.url)
+    assert r.code == 2 and "--yes" in r.err
+    assert (await node.stats())["keys"] == 31
+    r = await swarmcache("flush", "--yes", url=node.url)
+    assert (r.code, r.out) == (0, "flushed 31\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_option_and_environment(tmp_path, monkeypatch):
+    from conftest import start_node
+
+    path = tmp_path / "tokens"
+    path.write_text("reader\nroot admin\n")
+    n = await start_node(node_id="t", client_token_file=str(path))
+    try:
+        r = await swarmcache("ping", url=n.url)
+        assert r.code == 2 and "401" in r.err
+        r = await swarmcache("ping", "--token", "reader", url=n.url)
+        assert (r.code, r.out) == (0, "t\n")
+        r = await swarmcache("flush", "--yes", "--token", "reader", url=n.url)
+        assert r.code == 2 and "unauthorized" in r.err
+        monkeypatch.setenv("SWARMCACHE_TOKEN", "root")
+        r = await swarmcache("flush", "--yes", url=n.url)
+        assert (r.code, r.out) == (0, "flushed 0\n")
+    finally:
+        await n.stopService()

@@ -51,3 +51,27 @@ def test_embedding_example_runs():
     assert "counter: 1 2" in result.stdout
     assert "client get: hello" in result.stdout
     assert "keys on the node: 2" in result.stdout
+
+
+def test_editable_install_in_compat_mode_keeps_twistd_finding_the_plugin(tmp_path):
+    """``pip install -e . --config-settings editable_mode=compat`` (the README's setting):
+    the source tree goes on sys.path, where Twisted looks for ``twisted/plugins``; the
+    default editable mode maps the packages through an import hook Twisted's plugin
+    search does not see."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    bin_dir = env_dir / "bin"
+    # The dependencies come from the venv running the tests, not from the network.
+    (site,) = (env_dir / "lib").glob("python*/site-packages")
+    here = next(p for p in sys.path if p.endswith("site-packages") and "twisted" in os.listdir(p))
+    (site / "deps.pth").write_text(here + "\n")
+    installed = run(str(bin_dir / "pip"), "install", "-q", "--no-deps", "-e", str(ROOT),
+                    "--config-settings", "editable_mode=compat")
+    assert installed.returncode == 0, installed.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    helped = run(str(bin_dir / "python"), "-c",
+                 "import sys; from twisted.scripts.twistd import run; "
+                 "sys.argv = ['twistd', 'swarmcache', '--help']; run()",
+                 cwd=tmp_path, env=env)
+    assert helped.returncode == 0, helped.stderr
+    assert "--peer" in helped.stdout
