@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import start_node, start_swarm, stop_all
+from conftest import start_node, start_swarm, stop_all, until
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.client import SwarmClient
@@ -110,9 +110,28 @@ async def test_two_nodes_links_and_forwarded_latency_by_hops():
                      route="forwarded", hops="1", le="+Inf") == 5
         assert value(samples, "swarmcache_requests_total", op="get", outcome="ok") == 4
         assert value(await metrics(http(nodes[1])), "swarmcache_keys") == 1
+        before = value(samples, "swarmcache_peer_bytes_sent_total")
+        await client.set(elsewhere, "x" * 10_000)
+        after = await metrics(http(nodes[0]))
+        assert value(after, "swarmcache_peer_bytes_sent_total") >= before + 10_000
+        assert value(after, "swarmcache_peer_frames_received_total") > 0
     finally:
         await client.close()
         await stop_all(nodes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_peers_are_counted_by_close_code():
+    guarded = await start_node(node_id="guarded", peer_secret=b"s" * 32)
+    outsider = await start_node(node_id="outsider", peers=(guarded.url,))
+    try:
+        await until(lambda: guarded.overlay.refused_peers, what="the outsider refused")
+        samples = await metrics(http(guarded))
+        assert sum(v for (name, _), v in samples.items()
+                   if name == "swarmcache_refused_peers_total") >= 1
+        assert value(samples, "swarmcache_swarm_nodes") == 1
+    finally:
+        await stop_all([outsider, guarded])
 
 
 @pytest_twisted.ensureDeferred

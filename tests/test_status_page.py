@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from swarm.edge.admission import Admission
-from tests.twistd_support import start_node
+from twistd_support import start_node
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT = 10.0  # seconds any one condition in the page may take

@@ -92,6 +92,11 @@ class Overlay:
         #: Why the swarm refused this node's id (another live node has it), or None.
         self.conflict: str | None = None
         self._serving = 0  # forwarded requests received and not yet answered
+        #: Peer traffic (WebSocket payload bytes and frames, both ways), and peer
+        #: connections this node refused, by close code: what /metrics reports.
+        self.traffic = {"bytes_sent": 0, "bytes_received": 0,
+                        "frames_sent": 0, "frames_received": 0}
+        self.refused_peers: dict[int, int] = {}
         #: The announcement rate bound of each linked peer, and the timer that releases
         #: what it holds back.
         self._gates: dict[str, AnnouncementGate] = {}

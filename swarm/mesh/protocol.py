@@ -75,6 +75,9 @@ class _PeerProtocolMixin:
         self.session.start()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        traffic = self.factory.overlay.traffic
+        traffic["bytes_received"] += len(payload)
+        traffic["frames_received"] += 1
         try:
             messages = decode_peer_frame(payload, isBinary)
         except PeerProtocolError as e:
@@ -98,7 +101,7 @@ class _PeerProtocolMixin:
     def _send(self, messages: list[dict]) -> None:
         if self.session.handshaking:
             if self.state == self.STATE_OPEN:
-                self.sendMessage(encode_peer_frame(messages), isBinary=True)
+                self._counted_send(encode_peer_frame(messages))
             return
         if self._outbox is None:
             self._outbox = []
@@ -110,7 +113,13 @@ class _PeerProtocolMixin:
         if not messages or self.state != self.STATE_OPEN:
             return
         for frame in frames_of(messages, self._refuse):
-            self.sendMessage(frame, isBinary=True)
+            self._counted_send(frame)
+
+    def _counted_send(self, frame: bytes) -> None:
+        traffic = self.factory.overlay.traffic
+        traffic["bytes_sent"] += len(frame)
+        traffic["frames_sent"] += 1
+        self.sendMessage(frame, isBinary=True)
 
     def _refuse(self, msg: dict, error: SwarmError) -> bytes | None:
         """A message no peer would accept (too large, or unencodable): answer with an

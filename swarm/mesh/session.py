@@ -280,6 +280,8 @@ class PeerSession:
         _log.warn("refusing peer link with {peer}: {reason}", peer=self._peer(),
                   reason=reason)
         was_linked = self.state in _CARRYING
+        refused = self.overlay.refused_peers
+        refused[code] = refused.get(code, 0) + 1
         self.state = State.CLOSING
         self._stop_deadline()
         self._refusal = reason

@@ -195,6 +195,19 @@ class NodeCollector:
                 refused_clients.add_metric([reason], count)
         yield refused
         yield refused_clients
+        overlay = node.overlay
+        peers = Counter("swarmcache_refused_peers", "Peer connections this node closed "
+                        "during the handshake or for breaking the peer protocol, by "
+                        "WebSocket close code (4000 refused, 4001 protocol error, 4002 duplicate id, 4003 internal error, 4004 unauthorized).",
+                        labels=["code"])
+        for code, count in sorted(overlay.refused_peers.items()):
+            peers.add_metric([str(code)], count)
+        yield peers
+        for field, text in (("bytes_sent", "Peer WebSocket payload bytes sent."),
+                            ("bytes_received", "Peer WebSocket payload bytes received."),
+                            ("frames_sent", "Peer WebSocket frames sent."),
+                            ("frames_received", "Peer WebSocket frames received.")):
+            yield Counter(f"swarmcache_peer_{field}", text, value=overlay.traffic[field])
         paused = Gauge("swarmcache_client_connections_paused", "Client connections not "
                        "read from now: their write buffer is full (the client does not "
                        "read), or --max-in-flight requests are being worked on.",
