@@ -303,7 +303,7 @@ async def test_flush_needs_an_admin_token_when_tokens_are_on(tmp_path):
         reply = await on_asyncio(ws_call(n.url, {"id": 4, "op": "flush"},
                                          {"authorization": "Bearer admin-token"}))
         assert reply == {"id": 4, "ok": True, "flushed": 1}
-        admin = await SwarmClient.connect(n.url + "/?token=admin-token")
+        admin = await SwarmClient.connect(n.url, token="admin-token")
         try:
             assert await admin.flush() == 0
         finally:

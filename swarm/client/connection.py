@@ -35,6 +35,7 @@ from swarm.client.frames import (  # re-exported: this module's public names
     ENCODINGS,
     MAX_PAYLOAD,
     ConnectionClosed,
+    auth_headers,
     autobatches,
     check_reply,
 )
@@ -283,6 +284,7 @@ class SwarmClient(CacheOps):
         connect_timeout: float = 10.0,
         ca: str | None = None,
         autobatch: bool = True,
+        token: str | None = None,
     ) -> Deferred[SwarmClient]:
         """Open a WebSocket to the node at ``url`` (``ws://host:port`` or ``wss://``).
 
@@ -294,6 +296,7 @@ class SwarmClient(CacheOps):
         sends the requests made in one reactor turn as one frame when the turn ends
         (a node answers a batch frame once all its requests are done, so a quick
         request waits for the slow ones of its turn); False sends each at once.
+        ``token``, for a node with client tokens, goes as ``Authorization: Bearer``.
         """
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -303,7 +306,7 @@ class SwarmClient(CacheOps):
             return fail(ValueError(f"encoding must be 'cbor' or 'json', not {encoding!r}"))
         try:
             endpoint = client_endpoint(reactor, url, connect_timeout, ca)
-            factory = _ClientFactory(url=url, reactor=reactor)
+            factory = _ClientFactory(url=url, reactor=reactor, headers=auth_headers(token))
         except (ValueError, OSError) as e:
             return fail(Unavailable(f"cannot connect to {url}: {e}"))
         factory.encoding = encoding
