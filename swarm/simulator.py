@@ -27,6 +27,7 @@ from swarm.mesh.peer_wire import decode_peer_frame, encode_peer_frame
 from swarm.mesh.session import PeerSession
 from swarm.node.config import NodeConfig
 from swarm.node.core import NodeCore
+from swarm.simclock import HeapClock
 
 #: The shared wall clock starts here (seconds since the epoch), so versions look real.
 EPOCH = 1_800_000_000.0
@@ -119,6 +120,11 @@ class SimConnection:
     def open(self) -> bool:
         return not any(end.closed for end in self.ends)
 
+    @property
+    def gone(self) -> bool:
+        """Both ends have seen the close (a frozen end has not, until it thaws)."""
+        return all(end.closed for end in self.ends)
+
     def _send(self, i: int, messages: list[dict]) -> None:
         if self.ends[i].closed or self.ends[i].node.frozen:
             return  # a frozen process sends nothing
@@ -169,11 +175,13 @@ class Swarm:
     """Nodes and connections on one clock. Build, change, then wait for conditions."""
 
     def __init__(self, latency: float = 0.001, clock: Clock | None = None, **config: Any) -> None:
-        self.clock = clock or Clock()
+        self.clock = clock or HeapClock()
         self.latency = latency
         self.defaults = config
         self.nodes: dict[str, SimNode] = {}
         self.connections: list[SimConnection] = []
+        #: Each node's connections until both ends have seen them close.
+        self._attached: dict[str, list[SimConnection]] = {}
 
     # -- building ---------------------------------------------------------------------
 
@@ -187,6 +195,8 @@ class Swarm:
         conn = SimConnection(self, self.nodes[a], self.nodes[b],
                              self.latency if latency is None else latency)
         self.connections.append(conn)
+        for node_id in {a, b}:
+            self._attached.setdefault(node_id, []).append(conn)
         return conn
 
     def build(self, count: int, edges, settle: bool = True) -> list[SimNode]:
@@ -205,8 +215,9 @@ class Swarm:
     # -- changes ----------------------------------------------------------------------
 
     def open_connections(self, a: str, b: str | None = None) -> list[SimConnection]:
-        return [c for c in self.connections if c.open and a in c.nodes
-                and (b is None or b in c.nodes)]
+        attached = self._attached.get(a, [])
+        attached[:] = [c for c in attached if not c.gone]
+        return [c for c in attached if c.open and (b is None or b in c.nodes)]
 
     def cut(self, a: str, b: str) -> None:
         """Cut every connection between ``a`` and ``b``, both ends at once."""
@@ -233,7 +244,7 @@ class Swarm:
         node = self.nodes[node_id]
         node.frozen = False
         dropped = []
-        for conn in [c for c in self.connections if node_id in c.nodes]:
+        for conn in list(self._attached.get(node_id, [])):
             was_open_here = any(e.node is node and not e.closed for e in conn.ends)
             conn.thawed(node)
             if was_open_here and not conn.open:
