@@ -10,9 +10,11 @@ busiest node's primary count for random ids (see ``_spread_bound``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import zlib
+from array import array
 from collections import Counter
 from unittest import mock
 
@@ -22,6 +24,7 @@ from hypothesis import strategies as st
 
 from swarm.cluster import placement as placement_module
 from swarm.cluster.placement import PARTITIONS, Placement, partition_of, score
+from swarm.cluster.placement import _ScoreCache as ScoreCache
 
 node_ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
 node_sets = st.sets(node_ids, min_size=1, max_size=40)
@@ -33,6 +36,20 @@ heavy = settings(max_examples=30, deadline=None)
 
 def table(p: Placement) -> list[tuple[str, ...]]:
     return [p.owners_of_partition(i) for i in range(PARTITIONS)]
+
+
+def coarse_scores():
+    """Scores cut to three values, ties in nearly every partition, for a ``with`` block."""
+
+    def coarse(node):
+        return array("Q", (s % 3 for s in placement_module._node_scores(node)))
+
+    return mock.patch.object(placement_module, "_scores", ScoreCache(coarse, 64))
+
+
+def incremental():
+    """Within it, :meth:`Placement.with_nodes` never falls back to a full build."""
+    return mock.patch.object(placement_module, "REBUILD_SHARE", math.inf)
 
 
 def reference_owners(nodes, replicas: int, partition: int) -> tuple[str, ...]:
@@ -187,15 +204,9 @@ def test_nodes_agree_whatever_the_order(nodes, replicas, rnd):
 @given(node_sets, replica_counts, st.randoms(use_true_random=False),
        st.lists(st.integers(0, PARTITIONS - 1), max_size=4))
 def test_ties_are_broken_the_same_whatever_the_order(nodes, replicas, rnd, sample):
-    real = placement_module._score_rows
-
-    def coarse(ordered):
-        # Three distinct scores: ties in nearly every partition.
-        return [tuple(s % 3 for s in row) for row in real(ordered)]
-
     shuffled = list(nodes)
     rnd.shuffle(shuffled)
-    with mock.patch.object(placement_module, "_score_rows", coarse):
+    with coarse_scores():
         one, other = Placement(sorted(nodes), replicas), Placement(shuffled, replicas)
     assert table(one) == table(other)
     for i in [0, *sample]:
@@ -237,10 +248,14 @@ def test_one_replica_means_one_owner(nodes, keys):
 @given(node_sets, node_ids, replica_counts)
 def test_a_join_moves_only_what_the_new_node_wins(nodes, new, replicas):
     assume(new not in nodes)
-    before, after = Placement(nodes, replicas), Placement(nodes | {new}, replicas)
-    changed = {i for i in range(PARTITIONS)
-               if before.owners_of_partition(i) != after.owners_of_partition(i)}
+    before = Placement(nodes, replicas)
+    with incremental():
+        after = before.with_nodes(nodes | {new})
+    changed = before.moved_partitions(after)
     assert changed == after.partitions_of(new)
+    for i in range(PARTITIONS):
+        if i not in changed:  # shared with the placement it came from, not rebuilt
+            assert after.owners_of_partition(i) is before.owners_of_partition(i)
     for i in changed:
         # The old owners keep their order; the last one makes room if need be.
         kept = tuple(o for o in after.owners_of_partition(i) if o != new)
@@ -254,13 +269,116 @@ def test_a_join_moves_only_what_the_new_node_wins(nodes, new, replicas):
 @given(node_sets.filter(lambda s: len(s) >= 2), replica_counts, st.data())
 def test_a_leave_moves_only_what_the_node_held(nodes, replicas, data):
     gone = data.draw(st.sampled_from(sorted(nodes)))
-    before, after = Placement(nodes, replicas), Placement(nodes - {gone}, replicas)
-    changed = {i for i in range(PARTITIONS)
-               if before.owners_of_partition(i) != after.owners_of_partition(i)}
+    before = Placement(nodes, replicas)
+    with incremental():
+        after = before.with_nodes(nodes - {gone})
+    changed = after.moved_partitions(before)
     assert changed == before.partitions_of(gone)
+    for i in range(PARTITIONS):
+        if i not in changed:
+            assert after.owners_of_partition(i) is before.owners_of_partition(i)
     for i in changed:
         kept = tuple(o for o in before.owners_of_partition(i) if o != gone)
         assert after.owners_of_partition(i)[:len(kept)] == kept
+
+
+# -- incremental changes ----------------------------------------------------------------
+
+small_sets = st.sets(st.sampled_from([f"n{i}" for i in range(24)]), min_size=1, max_size=24)
+
+
+@heavy
+@given(small_sets, st.lists(small_sets, min_size=1, max_size=6), replica_counts,
+       st.booleans(), st.booleans())
+def test_changes_applied_one_after_another_give_the_full_build(
+        start, views, replicas, always_incremental, ties):
+    """Joins, leaves and both at once, from a few nodes (fewer than the replicas too)
+    to 24: each derived table is the one built from scratch, owner for owner."""
+    with mock.patch.object(placement_module, "REBUILD_SHARE",
+                           math.inf if always_incremental else placement_module.REBUILD_SHARE):
+        with coarse_scores() if ties else contextlib.nullcontext():
+            current = Placement(start, replicas)
+            for view in views:
+                current = current.with_nodes(view)
+                fresh = Placement(view, replicas)
+                assert current.nodes == view and current.replicas == replicas
+                assert table(current) == table(fresh)
+                assert current.primary("k") == fresh.primary("k")
+                assert current.partitions_of(min(view)) == fresh.partitions_of(min(view))
+
+
+@pytest.mark.parametrize("share", [placement_module.REBUILD_SHARE, math.inf])
+def test_a_hundred_nodes_one_change_after_another(share):
+    rnd = random.Random(11)
+    nodes = {f"node-{i}" for i in range(100)}
+    current = Placement(nodes, 2)
+    with mock.patch.object(placement_module, "REBUILD_SHARE", share):
+        for step in range(12):
+            gone = set(rnd.sample(sorted(nodes), step % 3))
+            nodes = nodes - gone | {f"new-{step}-{i}" for i in range(step % 4)}
+            current = current.with_nodes(nodes)
+            assert table(current) == table(Placement(nodes, 2))
+
+
+def test_with_nodes_keeps_what_it_can():
+    p = Placement(["a", "b", "c"], 2)
+    assert p.with_nodes(iter(["c", "b", "a", "a"])) is p
+    q = p.with_nodes(["a", "b", "c", "d"])
+    assert q.replicas == 2 and q == Placement(["a", "b", "c", "d"], 2)
+    assert repr(q) == "Placement(['a', 'b', 'c', 'd'], replicas=2)"
+    with pytest.raises(ValueError):
+        p.with_nodes([])
+    with pytest.raises(TypeError):
+        p.with_nodes(["a", 5])
+
+
+def test_moved_partitions():
+    three, four = Placement(["a", "b", "c"], 2), Placement(["a", "b", "c", "d"], 2)
+    assert three.moved_partitions(three) == frozenset()
+    moved = three.moved_partitions(four)
+    assert moved == four.moved_partitions(three) == four.partitions_of("d")
+    # A swap of primary and backup is a move too.
+    swapped = {i for i in range(PARTITIONS)
+               if three.owners_of_partition(i) != four.owners_of_partition(i)}
+    assert moved == swapped
+
+
+# -- the score cache --------------------------------------------------------------------
+
+
+def test_score_cache_keeps_the_most_recently_used():
+    computed = []
+
+    def compute(node):
+        computed.append(node)
+        return placement_module._node_scores(node)
+
+    cache = ScoreCache(compute, 3)
+    for node in ["a", "b", "c", "a", "d"]:  # "b" is then the least recently used
+        cache(node)
+    assert len(cache) == 3
+    assert computed == ["a", "b", "c", "d"]
+    assert cache("a") is cache("a")
+    cache("b")
+    assert computed[-1] == "b" and len(cache) == 3
+    cache("c")  # evicted by "b"
+    assert computed[-1] == "c"
+
+
+def test_score_arrays_hold_each_nodes_scores():
+    for node in ["a", "node-7", "ключ"]:
+        scores = placement_module._scores(node)
+        assert len(scores) == PARTITIONS and scores.itemsize == 8  # 32 KiB a node
+        for p in (0, 1, 1000, PARTITIONS - 1):
+            assert scores[p] == score(node, p)
+
+
+def test_the_process_wide_cache_is_bounded():
+    cache = placement_module._scores
+    assert cache.size == placement_module.SCORE_CACHE_SIZE == 2048
+    for i in range(cache.size + 10):
+        cache(f"bound-{i}")
+    assert len(cache) == cache.size
 
 
 @heavy
@@ -304,10 +422,12 @@ def test_keys_spread_evenly_over_eight_nodes():
 
 def test_score_rows_hold_each_nodes_scores():
     nodes = ["a", "b", "node-7"]
-    rows = placement_module._score_rows(nodes)
+    arrays = [placement_module._scores(n) for n in nodes]
+    rows = placement_module._score_rows(arrays)
     assert len(rows) == PARTITIONS
     for p in (0, 1, 2, 1000, PARTITIONS - 1):
         assert rows[p] == tuple(score(n, p) for n in nodes)
+    assert placement_module._score_rows(arrays, [1000, 2]) == [rows[1000], rows[2]]
 
 
 @given(
@@ -327,10 +447,12 @@ def test_equal_scores_go_to_the_smaller_node_id(nodes_and_rows, replicas):
 
 
 def test_all_equal_scores(monkeypatch):
-    def equal_scores(nodes):
-        return [(7,) * len(nodes)] * PARTITIONS
-
-    monkeypatch.setattr(placement_module, "_score_rows", equal_scores)
+    monkeypatch.setattr(placement_module, "_scores",
+                        ScoreCache(lambda node: array("Q", [7]) * PARTITIONS, 8))
+    monkeypatch.setattr(placement_module, "REBUILD_SHARE", math.inf)
     for replicas, want in [(1, ("a",)), (2, ("a", "b")), (4, ("a", "b", "c"))]:
         p = Placement(["c", "a", "b"], replicas)
         assert set(table(p)) == {want}
+        # Derived: a newcomer that ties everywhere wins where its id is smaller.
+        assert set(table(p.with_nodes(["c", "a", "b", "0"]))) == {("0", *want)[:replicas]}
+        assert set(table(p.with_nodes(["c", "b"]))) == {("b", "c")[:replicas]}
