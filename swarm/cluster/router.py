@@ -138,18 +138,28 @@ class QueryRouter:
         """
         membership = self.overlay.membership
         reachable = membership.reachable
-        self.placement = Placement(membership.owners or {self.node_id}, self.replicas)
+        before = self.placement
+        self.placement = self._placement_of(membership.owners or {self.node_id}, [before])
         now = self.overlay.clock.seconds()
         if now > self._migrating_until and not self.filling:
             self._origins = {}
         for nodes in (self._last_view, reachable - self._last_view):
             if nodes - {self.node_id} and nodes not in self._origins:
-                self._origins[nodes] = Placement(nodes, self.replicas)
+                self._origins[nodes] = self._placement_of(
+                    nodes, [before, self.placement, *self._origins.values()])
         while len(self._origins) > MAX_ORIGINS:  # oldest first
             del self._origins[next(iter(self._origins))]
         self._last_view = reachable
         self._migrating_until = now + MIGRATION_WINDOW
         self._suspects = {n: t for n, t in self._suspects.items() if n in reachable}
+
+    def _placement_of(self, nodes: frozenset[str], known: list[Placement]) -> Placement:
+        """``Placement(nodes, self.replicas)``, derived from the nearest ``known`` one: a
+        view change then costs about what changed, not a whole table."""
+        bases = [p for p in known if p.replicas == self.replicas]
+        if not bases:
+            return Placement(nodes, self.replicas)
+        return min(bases, key=lambda p: len(p.nodes ^ nodes)).with_nodes(nodes)
 
     # -- entry points -----------------------------------------------------------------
 
