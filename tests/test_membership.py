@@ -2,8 +2,9 @@
 
 No sockets: :class:`Swarm` below holds one :class:`Membership` per node and carries the
 announcements between them the way :mod:`swarm.mesh.overlay` does. When a link comes up, each
-side sends its whole database to the other, then announces its new links to every
-neighbor; what ``set_links`` or ``receive`` returns is flooded to every neighbor except
+side sends its whole database to the other (or, with ``sync``, a summary of it, answered by
+versions where the databases differ, answered by what they lack), then announces its new
+links to every neighbor; what ``set_links`` or ``receive`` returns is flooded to every neighbor except
 the one it came from (this node's own announcements go to that one too). Messages travel in order on each directed link (a WebSocket is a
 stream), in any order across links, and those in flight on a link that goes down are lost.
 """
@@ -29,11 +30,13 @@ INC = 1_000_000
 class Swarm:
     """Memberships linked in memory, flooding as the overlay floods."""
 
-    def __init__(self, names, incarnation: int = INC) -> None:
+    def __init__(self, names, incarnation: int = INC, sync: bool = False) -> None:
+        self.sync = sync
         self.members = {n: Membership(n, incarnation) for n in names}
         self.links: dict[str, set[str]] = {n: set() for n in names}
         self.queues: dict[tuple[str, str], deque] = {}
         self.messages = 0  # lsa messages delivered
+        self.summaries = self.versions = 0  # of them, those with a sum or a have
         self.delivered = 0  # announcements delivered (a message may hold several)
         #: (announcement node, version, sender, receiver, link's life) -> times delivered
         self.crossings: Counter = Counter()
@@ -41,8 +44,9 @@ class Swarm:
 
     # -- the overlay's rules ------------------------------------------------------------
 
-    def _send(self, src: str, dst: str, anns) -> None:
-        self.queues.setdefault((src, dst), deque()).append(list(anns))
+    def _send(self, src: str, dst: str, anns, part: tuple = ()) -> None:
+        """An lsa of ``anns``, and maybe a ``("sum", Summary)`` or ``("have", versions)``."""
+        self.queues.setdefault((src, dst), deque()).append((list(anns), part))
 
     def _flood(self, node: str, fresh, source) -> None:
         if fresh:
@@ -55,7 +59,10 @@ class Swarm:
 
     def _link_up_side(self, a: str, b: str) -> None:
         self.links[a].add(b)
-        self._send(a, b, self.members[a].announcements())
+        if self.sync:
+            self._send(a, b, [], ("sum", self.members[a].summary(b)))
+        else:
+            self._send(a, b, self.members[a].announcements())
         ann = self.members[a].set_links(self.links[a])
         if ann is not None:
             self._flood(a, [ann], None)
@@ -86,7 +93,7 @@ class Swarm:
 
     def deliver_one(self, key) -> None:
         src, dst = key
-        anns = self.queues[key].popleft()
+        anns, part = self.queues[key].popleft()
         if not self.queues[key]:
             del self.queues[key]
         self.messages += 1
@@ -94,8 +101,18 @@ class Swarm:
         life = self.lives[frozenset((src, dst))]
         for a in anns:
             self.crossings[(a.node, a.version, src, dst, life)] += 1
-        fresh = self.members[dst].receive(anns)
+        member = self.members[dst]
+        fresh = member.receive(anns)
         self._flood(dst, fresh, src)
+        if part and part[0] == "sum":
+            self.summaries += 1
+            if member.lacks(src, part[1]):
+                self._send(dst, src, [], ("have", member.versions()))
+        elif part:
+            self.versions += 1
+            answer = member.newer_than(part[1])
+            if answer:
+                self._send(dst, src, answer)
 
     def settle(self, rng: random.Random | None = None, limit: int = 100_000) -> int:
         """Deliver until nothing is in flight; the number of messages delivered."""
@@ -498,11 +515,8 @@ def histories(draw):
     return names, steps, settle_each
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(histories(), st.randoms(use_true_random=False))
-def test_flooding_settles_on_the_true_components(history, rng):
-    names, steps, settle_each = history
-    swarm = Swarm(names)
+def run_history(swarm: Swarm, steps, settle_each, rng: random.Random) -> None:
+    """Play a :func:`histories` example on ``swarm`` and let it settle."""
     for life, ((kind, (u, v)), settle) in enumerate(zip(steps, settle_each), 1):
         if kind == "restart":
             neighbors = sorted(swarm.links[u])
@@ -514,6 +528,14 @@ def test_flooding_settles_on_the_true_components(history, rng):
         if settle:
             swarm.settle(rng)
     swarm.settle(rng)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories(), st.randoms(use_true_random=False))
+def test_flooding_settles_on_the_true_components(history, rng):
+    names, steps, settle_each = history
+    swarm = Swarm(names)
+    run_history(swarm, steps, settle_each, rng)
     swarm.assert_converged()
     assert max(swarm.crossings.values(), default=0) <= 1
 

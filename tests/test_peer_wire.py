@@ -177,7 +177,8 @@ def test_hello_builds_a_hello_that_passes_its_own_checks():
     nonce = bytes(32)
     msg = hello("n1", "prod", 99, nonce, True)
     assert msg == {"t": "hello", "node": "n1", "proto": PROTOCOL_VERSION, "swarm": "prod",
-                   "inc": 99, "nonce": nonce, "auth": True, "batch": True, "raw": True}
+                   "inc": 99, "nonce": nonce, "auth": True, "batch": True, "raw": True,
+                   "sync": True}
     (decoded,) = decode_peer_frame(encode_peer_frame([msg]), True)
     assert check_hello(decoded, "n2", "prod") is None
 

@@ -643,6 +643,88 @@ def test_a_parted_connection_lost_fails_what_is_still_pending_on_it(clock):
     assert a.parted  # a link that is gone cannot bring a request either
 
 
+# -- link-up: a summary instead of the database ------------------------------------------
+
+SUM = {"digest": bytes(16), "count": 5}
+
+
+def test_the_link_up_lsa_carries_a_summary_to_a_peer_that_takes_it_else_the_database(clock):
+    for sync, expected in ((True, "sum"), (False, "anns")):
+        o = overlay("a", clock)
+        o.membership.receive([Announcement(f"n{i}", 1, 1, ()) for i in range(20)])
+        end = End(o)
+        peer_hello = hello("b", "s", 1)
+        if not sync:
+            del peer_hello["sync"]  # a node from before summaries
+        end.feed(peer_hello)
+        first, flood = end.take()
+        assert first["t"] == "lsa" and ("sum" in first) is sync
+        assert len(first["anns"]) == (0 if sync else 21)
+        if sync:
+            assert first["sum"].count == 20 and first["sum"].yours is None
+        assert flood["anns"] == [o.membership.own]  # its new link, as before
+
+
+def test_a_summary_that_differs_is_answered_with_versions_and_those_with_what_lacks(clock):
+    o = overlay("a", clock)
+    known = [Announcement(f"n{i}", 1, 2, ()) for i in range(5)]
+    o.membership.receive(known)
+    end = End(o)
+    end.feed(hello("b", "s", 1))
+    end.take()
+    end.feed({"t": "lsa", "anns": [], "sum": SUM})  # b knows 5 others, not these
+    (ask,) = end.take()
+    assert ask["anns"] == [] and ask["have"] == o.membership.versions()
+    end.feed({"t": "lsa", "anns": [], "have": {"n0": [1, 2], "n1": [1, 1], "a": [9, 9]}})
+    (answer,) = end.take()
+    assert {a.node for a in answer["anns"]} == {"n1", "n2", "n3", "n4"}  # not a: newer
+    # a summary equal to this node's own asks for nothing
+    end2 = End(o)
+    end2.feed(hello("c", "s", 1))
+    end2.take()
+    same = o.membership.summary("c")
+    end2.feed({"t": "lsa", "anns": [], "sum": {"digest": same.digest, "count": same.count}})
+    assert end2.take() == [] and end2.closed == []
+
+
+@pytest.mark.parametrize("part", [{"sum": SUM}, {"have": {"x": [1, 1]}}],
+                         ids=["sum", "have"])
+def test_a_second_sum_or_have_on_a_connection_is_a_protocol_error(clock, part):
+    """Each asks this node for up to its whole database: once per handshake."""
+    end = End(overlay("a", clock))
+    end.feed(hello("b", "s", 1), {"t": "lsa", "anns": [], **part})
+    assert end.closed == []
+    end.feed({"t": "lsa", "anns": [], **part})
+    ((code, reason),) = end.closed
+    assert code == CLOSE_PROTOCOL_ERROR and f"second lsa.{next(iter(part))}" in reason
+
+
+@pytest.mark.parametrize("part", [
+    {"sum": dict(SUM, digest=b"short")}, {"sum": dict(SUM, count=10**6)}, {"sum": [1]},
+    {"sum": dict(SUM, yours=[1, 2**64])}, {"have": {"x": [1]}}, {"have": {"": [1, 1]}},
+    {"have": [["x", 1, 1]]},
+])
+def test_a_malformed_sum_or_have_closes_the_link_as_a_protocol_error(clock, part):
+    end = End(overlay("a", clock))
+    end.feed(hello("b", "s", 1))
+    feed_frame(end, [{"t": "lsa", "anns": [], **part}])
+    ((code, _),) = end.closed
+    assert code == CLOSE_PROTOCOL_ERROR and end.overlay.neighbors == []
+
+
+def test_announcements_held_on_a_parted_connection_are_applied_when_it_goes(clock):
+    """A peer's lsa after its bye passes the rate bound too; once the connection is
+    gone, what was held is applied and nothing of the peer's bound is left."""
+    end = End(overlay("a", clock))
+    end.feed(hello("b", "s", 1), BYE)
+    for i in range(40):  # over the bound's burst: the last ones are held
+        end.feed({"t": "lsa", "anns": [Announcement(f"x{i}", 1, 1, ()).to_wire()]})
+    assert clock.getDelayedCalls()  # the release of what is held
+    lose(end)
+    assert clock.getDelayedCalls() == []
+    assert {f"x{i}" for i in range(40)} <= set(end.overlay.membership.versions())
+
+
 # -- nothing a peer sends raises ----------------------------------------------------------
 
 
@@ -683,6 +765,8 @@ ANN = Announcement("b", 1, 2, ("a",)).to_wire()
 TEMPLATES = [
     hello("b", "s", 1),
     {"t": "lsa", "anns": [ANN]},
+    {"t": "lsa", "anns": [], "sum": {"digest": bytes(16), "count": 3, "yours": [1, 2]}},
+    {"t": "lsa", "anns": [], "have": {"b": [1, 2]}},
     {"t": "req", "rid": 1, "ms": 100, "hops": 3, "to": "a", "req": {"id": 1, "op": "ping"}},
     {"t": "rep", "rid": 1, "rep": {"id": 1, "ok": True}},
     {"t": "bye"},

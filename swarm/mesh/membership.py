@@ -6,7 +6,18 @@ of links, and ``incarnation`` (the node's start time in milliseconds) makes a re
 node outrank everything its previous life said. A node floods an announcement it has not
 seen before to every link but the one it came from, and drops ones it has seen, so a ring
 or a mesh carries each change over each link at most once in each direction: a change
-costs O(links) messages, and a new link costs one exchange of the two databases.
+costs O(links) messages.
+
+A new link costs what the two databases differ by. Each side sends a :class:`Summary`:
+a digest of its database (a sum of a hash of each ``(node, inc, seq)``, kept as the
+database changes, so reading it costs nothing) and how many announcements it holds. A
+side whose database differs asks for what it lacks by sending its versions
+(:meth:`Membership.versions`, no link lists), and the other answers with exactly the
+announcements those lack or hold older (:meth:`Membership.newer_than`). Equal databases
+-- a link cut and healed inside one swarm, a spare connection -- cost a summary each
+way. The exchange ends there: a summary is answered by versions at most, versions by
+announcements, and announcements only ever by the flood. What either side learns after
+sending its summary reaches the other by that flood, as it reaches every neighbour.
 
 The view is computed, not gossiped: a breadth-first search from this node over
 *bidirectional* edges (u lists v and v lists u) gives every reachable node, its hop count
@@ -29,9 +40,10 @@ it returns.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 
 #: The largest incarnation or sequence number on the wire (CBOR's unsigned 64 bits).
@@ -88,7 +100,7 @@ class Announcement:
             raise ValueError(
                 f"announcement node must be a string of 1 to {MAX_ID_BYTES} characters")
         for name, n in (("inc", inc), ("seq", seq)):
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COUNTER:
+            if not _is_counter(n):
                 raise ValueError(
                     f"announcement {name} must be an integer from 0 to {MAX_COUNTER}")
         if not isinstance(links, list) or not all(_is_id(x) for x in links):
@@ -103,6 +115,85 @@ class Announcement:
 
 def _is_id(x: Any) -> bool:
     return isinstance(x, str) and 0 < len(x) <= MAX_ID_BYTES
+
+
+def _is_counter(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_COUNTER
+
+
+def _version(x: Any, what: str) -> tuple[int, int]:
+    if not (isinstance(x, list) and len(x) == 2 and all(_is_counter(n) for n in x)):
+        raise ValueError(f"{what} must be [inc, seq], integers from 0 to {MAX_COUNTER}")
+    return (x[0], x[1])
+
+
+#: A database digest's size in bytes: per-announcement hashes summed modulo 2**128.
+DIGEST_BYTES = 16
+_DIGEST_MOD = 1 << (8 * DIGEST_BYTES)
+
+
+def _hash(ann: Announcement) -> int:
+    """BLAKE2b-128 of the node id's UTF-8 (after its length, 4 bytes big-endian), then
+    inc and seq (8 bytes big-endian each): what the database digest sums. Additive
+    hashes can be made to collide by whoever chooses many of the entries, but a peer
+    can already announce any node at any version, so a digest needs to resist only
+    chance."""
+    node = ann.node.encode("utf-8", "surrogatepass")
+    data = b"".join((len(node).to_bytes(4, "big"), node, ann.incarnation.to_bytes(8, "big"),
+                     ann.seq.to_bytes(8, "big")))
+    return int.from_bytes(hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest(), "big")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A database in a few bytes, for a newly linked peer to compare with its own.
+
+    It leaves out the sender's announcement and the receiver's, which each side changes
+    as the link comes up (and floods to the other anyway): ``digest`` covers every other
+    announcement, ``count`` says how many there are, and ``yours`` is the version of the
+    receiver's announcement the sender holds (None: none), so that a node hears of a
+    copy of itself newer than its own (a previous life).
+    """
+
+    digest: bytes
+    count: int
+    yours: tuple[int, int] | None = None
+
+    def to_wire(self) -> dict:
+        wire: dict = {"digest": self.digest, "count": self.count}
+        if self.yours is not None:
+            wire["yours"] = list(self.yours)
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> "Summary":
+        """Validate a summary from a peer; ValueError if malformed."""
+        if not isinstance(obj, dict):
+            raise ValueError("a summary must be a map")
+        digest, count = obj.get("digest"), obj.get("count")
+        if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+            raise ValueError(f"summary digest must be {DIGEST_BYTES} bytes")
+        if not _is_counter(count) or count > MAX_NODES:
+            raise ValueError(f"summary count must be an integer from 0 to {MAX_NODES}")
+        yours = obj.get("yours")
+        return cls(digest, count, None if yours is None else _version(yours, "summary yours"))
+
+
+Versions = Mapping[str, tuple[int, int]]
+
+
+def versions_to_wire(versions: Versions) -> dict:
+    return {node: list(version) for node, version in versions.items()}
+
+
+def versions_from_wire(obj: Any) -> dict[str, tuple[int, int]]:
+    """Validate a peer's versions (node id -> [inc, seq], at most MAX_NODES of them,
+    as many as a database holds); ValueError if malformed."""
+    if not isinstance(obj, dict) or len(obj) > MAX_NODES:
+        raise ValueError(f"versions must be a map of at most {MAX_NODES} node ids")
+    if not all(_is_id(node) for node in obj):
+        raise ValueError(f"versions must map node ids of 1 to {MAX_ID_BYTES} characters")
+    return {node: _version(v, "a version") for node, v in obj.items()}
 
 
 #: How often a node answers announcements about itself that it did not make. Once is
@@ -120,9 +211,10 @@ class Membership:
         self.self_conflicts = 0
         #: Announcements of new nodes dropped because the database was full.
         self.dropped = 0
-        self._db: dict[str, Announcement] = {
-            self_id: Announcement(self_id, incarnation, 1, ())
-        }
+        self._db: dict[str, Announcement] = {}
+        #: The sum of every announcement's hash (:func:`_hash`), as the database changes.
+        self._sum = 0
+        self._store(Announcement(self_id, incarnation, 1, ()))
         self.hops: dict[str, int] = {}
         self._next_hop: dict[str, str] = {}
         #: View computations so far (each a breadth-first search over the map).
@@ -174,7 +266,7 @@ class Membership:
             if ann.node not in self._db and len(self._db) >= MAX_NODES:
                 self.dropped += 1
                 continue
-            self._db[ann.node] = ann
+            self._store(ann)
             fresh.append(ann)
         if fresh:
             self._recompute()
@@ -193,9 +285,47 @@ class Membership:
         self, incarnation: int, seq: int, links: tuple, leaving: bool
     ) -> Announcement:
         ann = Announcement(self.self_id, incarnation, seq, links, leaving)
-        self._db[self.self_id] = ann
+        self._store(ann)
         self._recompute()
         return ann
+
+    def _store(self, ann: Announcement) -> None:
+        old = self._db.get(ann.node)
+        self._sum = (self._sum + _hash(ann) - (_hash(old) if old else 0)) % _DIGEST_MOD
+        self._db[ann.node] = ann
+
+    # -- link-up: what two databases differ by -----------------------------------------
+
+    def summary(self, peer: str) -> Summary:
+        """This database for a newly linked ``peer`` (see :class:`Summary`)."""
+        held = self._db.get(peer)
+        return Summary(self._digest_without(peer), len(self._db) - 1 - (held is not None),
+                       held.version if held else None)
+
+    def lacks(self, peer: str, summary: Summary) -> bool:
+        """Whether ``peer``'s database, as its ``summary`` gives it, may hold
+        announcements that this one lacks or holds older: then send it
+        :meth:`versions`. A peer that knows no other node has nothing to give."""
+        if summary.yours is not None and summary.yours > self.own.version:
+            return True
+        return summary.count > 0 and summary.digest != self._digest_without(peer)
+
+    def _digest_without(self, peer: str) -> bytes:
+        """The digest of every announcement but this node's and ``peer``'s."""
+        total = self._sum - _hash(self.own)
+        if peer in self._db:
+            total -= _hash(self._db[peer])
+        return (total % _DIGEST_MOD).to_bytes(DIGEST_BYTES, "big")
+
+    def versions(self) -> dict[str, tuple[int, int]]:
+        """The version of every announcement held, for a peer to answer with
+        :meth:`newer_than`."""
+        return {node: ann.version for node, ann in self._db.items()}
+
+    def newer_than(self, versions: Versions) -> list[Announcement]:
+        """The announcements a peer holding ``versions`` lacks or holds older."""
+        return [ann for node, ann in self._db.items()
+                if node not in versions or ann.version > versions[node]]
 
     # -- the view -------------------------------------------------------------------
 
@@ -230,7 +360,7 @@ class Membership:
         return self._next_hop.get(node)
 
     def announcements(self) -> list[Announcement]:
-        """The whole database, for a newly linked peer."""
+        """The whole database, for a newly linked peer that takes no :class:`Summary`."""
         return list(self._db.values())
 
     def report(self) -> list[dict]:

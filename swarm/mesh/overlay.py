@@ -36,7 +36,14 @@ from twisted.python.failure import Failure
 from swarm.errors import InternalError, Timeout
 from swarm.logs import logger
 from swarm.mesh.link import Packed, PeerLink, unpacked
-from swarm.mesh.membership import Announcement, AnnouncementGate, Membership
+from swarm.mesh.membership import (
+    Announcement,
+    AnnouncementGate,
+    Membership,
+    Summary,
+    Versions,
+    versions_to_wire,
+)
 from swarm.mesh.peer_wire import bye, hello, packed_replies
 from swarm.protocol.wire import error_reply, request_id
 
@@ -117,7 +124,7 @@ class Overlay:
     def link_count(self) -> int:
         return sum(len(v) for v in self._links.values())
 
-    def _add(self, link: PeerLink, incarnation: int | None) -> None:
+    def _add(self, link: PeerLink, incarnation: int | None, sync: bool) -> None:
         links = self._links.setdefault(link.peer, [])
         links.append(link)
         if len(links) > 1:
@@ -128,12 +135,19 @@ class Overlay:
         if incarnation is not None:
             self._incarnations[link.peer] = incarnation
         _log.info("link to {peer} up", peer=link.peer)
-        link.send([{"t": "lsa", "anns": self._wire(self.membership.announcements())}])
+        if sync:  # what the databases differ by follows (receive_summary)
+            link.send([{"t": "lsa", "anns": [],
+                        "sum": self.membership.summary(link.peer).to_wire()}])
+        else:
+            link.send([{"t": "lsa", "anns": self._wire(self.membership.announcements())}])
         self._links_changed()
 
-    def link_up(self, link: PeerLink, incarnation: int | None = None) -> None:
-        """A connection's hello was accepted; ``incarnation`` is the one it gave."""
-        self._add(link, incarnation)
+    def link_up(self, link: PeerLink, incarnation: int | None = None,
+                sync: bool = False) -> None:
+        """A connection's hello was accepted; ``incarnation`` is the one it gave, and
+        ``sync`` whether it takes a summary of the database instead of the database
+        (:class:`~swarm.mesh.membership.Summary`)."""
+        self._add(link, incarnation, sync)
         if self.parting:  # a link that came up while this node stops is told at once
             link.send([bye()])
 
@@ -141,6 +155,8 @@ class Overlay:
         link.fail_all(f"link to {link.peer} lost: {reason}")
         if link in self._parted:
             self._parted.remove(link)
+            if link.peer not in self._links:  # its lsa after the bye made a gate
+                self._forget_gate(link.peer)
         elif self._remove(link):
             _log.info("link to {peer} down: {reason}", peer=link.peer, reason=reason)
             self._links_changed()
@@ -246,6 +262,20 @@ class Overlay:
                 _log.info("announcements from {peer} come faster than {rate}/s: "
                           "coalescing them", peer=peer, rate=gate.bucket.rate)
             self._releases[peer] = self.clock.callLater(gate.due(now), self._release, peer)
+
+    def receive_summary(self, link: PeerLink, summary: Summary) -> None:
+        """A newly linked peer's summary of its database: when it may hold what this
+        node lacks, send this node's versions, for the peer to answer with that."""
+        if self.membership.lacks(link.peer, summary):
+            _log.debug("{peer}'s database differs: sending versions", peer=link.peer)
+            link.send([{"t": "lsa", "anns": [],
+                        "have": versions_to_wire(self.membership.versions())}])
+
+    def receive_versions(self, link: PeerLink, versions: Versions) -> None:
+        """A peer's versions: answer with the announcements it lacks or holds older."""
+        anns = self.membership.newer_than(versions)
+        if anns:
+            link.send([{"t": "lsa", "anns": self._wire(anns)}])
 
     def _release(self, peer: str) -> None:
         del self._releases[peer]

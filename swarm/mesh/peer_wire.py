@@ -6,12 +6,22 @@ so batching many messages in one frame costs nothing extra. Each message has a t
 
 ``hello``  ``node``, ``proto``, ``swarm``, ``inc``, ``nonce`` (random bytes), ``auth``
            (whether the sender holds a secret), ``batch`` (whether it takes ``breq``),
-           ``raw`` (whether it takes ``brep`` with ``raw``) -- first message each way
-           on a link
+           ``raw`` (whether it takes ``brep`` with ``raw``), ``sync`` (whether it takes
+           ``lsa.sum`` and ``lsa.have``) -- first message each way on a link
 ``auth``   ``mac``: the sender's proof that it holds the swarm's secret, bound to both
            hellos (:mod:`swarm.mesh.auth`); sent after the peer's hello when secrets
            are in use, and nothing else is accepted until it checks out
-``lsa``    ``anns``: membership announcements to merge and flood
+``lsa``    ``anns``: membership announcements to merge and flood. The ``lsa`` that
+           answers an accepted hello carries the sender's whole database, or, to a
+           peer whose hello said ``sync``, none of it and ``sum`` instead: ``digest``
+           (:data:`~swarm.mesh.membership.DIGEST_BYTES` bytes), ``count`` and maybe
+           ``yours`` (``[inc, seq]``) summarize it
+           (:class:`~swarm.mesh.membership.Summary`). A node whose database differs
+           answers with an ``lsa`` carrying ``have``: a map of node id to
+           ``[inc, seq]`` for every announcement it holds (at most
+           :data:`~swarm.mesh.membership.MAX_NODES`), answered in turn by an ``lsa``
+           of the announcements that lack or are older. A connection carries at most
+           one ``sum`` and one ``have`` each way
 ``req``    ``rid``, ``ms`` (time left), ``hops`` (hops left), ``req`` (a request),
            optional ``to`` (the node that must run it, else the key's owner does)
 ``rep``    ``rid``, ``rep`` (the reply to the ``req`` with that ``rid`` on this link)
@@ -65,7 +75,13 @@ import cbor2
 
 from swarm.errors import InternalError, TooLarge
 from swarm.mesh.auth import NONCE_BYTES, PROOF_BYTES
-from swarm.mesh.membership import MAX_COUNTER, MAX_ID_BYTES, Announcement
+from swarm.mesh.membership import (
+    MAX_COUNTER,
+    MAX_ID_BYTES,
+    Announcement,
+    Summary,
+    versions_from_wire,
+)
 from swarm.protocol.wire import decode_cbor, join_frame
 
 #: 2: entries carry versions (issue 6), and links close in two phases (``bye``).
@@ -262,7 +278,9 @@ def check_messages(messages: list) -> list[dict]:
     for whoever carries messages without frames, such as an in-memory simulator.
 
     The input is left as it is: an ``lsa`` comes back as a new map whose ``anns`` are
-    :class:`~swarm.mesh.membership.Announcement` objects.
+    :class:`~swarm.mesh.membership.Announcement` objects, whose ``sum`` is a
+    :class:`~swarm.mesh.membership.Summary` and whose ``have`` maps node ids to
+    ``(inc, seq)`` tuples.
     """
     return [_check(m) for m in messages]
 
@@ -275,7 +293,7 @@ def _check(msg: Any) -> dict:
         _str(msg, "node"), _str(msg, "swarm"), _int(msg, "proto"), _int(msg, "inc")
         if "nonce" in msg:  # nodes before issue 8 send none
             _bytes(msg, "nonce", NONCE_BYTES)
-        for flag in ("auth", "batch", "raw"):
+        for flag in ("auth", "batch", "raw", "sync"):
             if not isinstance(msg.get(flag, False), bool):
                 raise PeerProtocolError(f"hello.{flag} must be a boolean")
     elif t == "auth":
@@ -286,6 +304,10 @@ def _check(msg: Any) -> dict:
             raise PeerProtocolError("lsa.anns must be an array")
         try:
             msg = dict(msg, anns=[Announcement.from_wire(a) for a in anns])
+            if "sum" in msg:
+                msg["sum"] = Summary.from_wire(msg["sum"])
+            if "have" in msg:
+                msg["have"] = versions_from_wire(msg["have"])
         except ValueError as e:
             raise PeerProtocolError(str(e)) from None
     elif t == "req":
@@ -318,7 +340,7 @@ def _check(msg: Any) -> dict:
 def hello(node: str, swarm: str, incarnation: int, nonce: bytes | None = None,
           auth: bool = False) -> dict:
     msg = {"t": "hello", "node": node, "proto": PROTOCOL_VERSION, "swarm": swarm,
-           "inc": incarnation, "auth": auth, "batch": True, "raw": True}
+           "inc": incarnation, "auth": auth, "batch": True, "raw": True, "sync": True}
     if nonce is not None:
         msg["nonce"] = nonce
     return msg

@@ -127,8 +127,12 @@ class PeerSession:
             State.LINKED: self._linked,
             State.PARTED: self._parted,
         }
+        #: The parts of a link-up exchange the peer sent (``lsa.sum``, ``lsa.have``):
+        #: each comes once per connection, so a peer cannot make this node send its
+        #: database over and over without a new handshake each time.
+        self._exchanged: set[str] = set()
         self._linked_handlers: dict[str, Callable[[PeerLink, dict], None]] = {
-            "lsa": lambda link, msg: overlay.receive_announcements(link, msg["anns"]),
+            "lsa": self._lsa,
             "req": overlay.receive_request,
             "rep": overlay.receive_reply,
             "breq": overlay.receive_group,
@@ -244,7 +248,7 @@ class PeerSession:
         self.state = State.LINKED
         self._stop_deadline()
         self._on_trusted()
-        overlay.link_up(self.link, msg["inc"])
+        overlay.link_up(self.link, msg["inc"], sync=msg.get("sync", False))
 
     def _linked(self, msg: dict) -> None:
         handler = self._linked_handlers.get(msg["t"])
@@ -260,6 +264,19 @@ class PeerSession:
         if msg["t"] == "bye":
             return self._refuse(CLOSE_PROTOCOL_ERROR, "a second bye")
         self._linked(msg)
+
+    def _lsa(self, link: PeerLink, msg: dict) -> None:
+        parts = {"sum", "have"} & msg.keys()
+        if parts & self._exchanged:
+            return self._refuse(CLOSE_PROTOCOL_ERROR,
+                                f"a second lsa.{min(parts & self._exchanged)}")
+        self._exchanged |= parts
+        overlay = self.overlay
+        overlay.receive_announcements(link, msg["anns"])
+        if "sum" in msg:
+            overlay.receive_summary(link, msg["sum"])
+        if "have" in msg:
+            overlay.receive_versions(link, msg["have"])
 
     def _bye(self, link: PeerLink, msg: dict) -> None:
         answer = not self.overlay.parting
