@@ -20,8 +20,8 @@ so batching many messages in one frame costs nothing extra. Each message has a t
            answers with an ``lsa`` carrying ``have``: a map of node id to
            ``[inc, seq]`` for every announcement it holds (at most
            :data:`~swarm.mesh.membership.MAX_NODES`), answered in turn by an ``lsa``
-           of the announcements that lack or are older. A connection carries at most
-           one ``sum`` and one ``have`` each way
+           of the announcements that node lacks or holds older. A connection carries
+           at most one ``sum`` and one ``have`` each way
 ``req``    ``rid``, ``ms`` (time left), ``hops`` (hops left), ``req`` (a request),
            optional ``to`` (the node that must run it, else the key's owner does)
 ``rep``    ``rid``, ``rep`` (the reply to the ``req`` with that ``rid`` on this link)
