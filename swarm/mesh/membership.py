@@ -14,7 +14,7 @@ database changes, so reading it costs nothing) and how many announcements it hol
 side whose database differs asks for what it lacks by sending its versions
 (:meth:`Membership.versions`, no link lists), and the other answers with exactly the
 announcements those lack or hold older (:meth:`Membership.newer_than`). Equal databases
--- a link cut and healed inside one swarm, a spare connection -- cost a summary each
+-- a link cut and healed inside one swarm, say -- cost a summary each
 way. The exchange ends there: a summary is answered by versions at most, versions by
 announcements, and announcements only ever by the flood. What either side learns after
 sending its summary reaches the other by that flood, as it reaches every neighbour.
