@@ -1,8 +1,10 @@
-"""Unit tests of swarm.mesh.dialer: the retry policy and peer URLs; no sockets."""
+"""Unit tests of swarm.mesh.dialer: the retry policy, what the log says about a peer
+that cannot be reached, and peer URLs; no sockets."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -10,12 +12,19 @@ from twisted.application.internet import ClientService
 from twisted.internet import task
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TCPTimedOutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from swarm.mesh.dialer import RetryPolicy, Upstream, peer_endpoint_description
+from swarm.mesh.dialer import (
+    SUMMARY_INTERVAL,
+    Reachability,
+    RetryPolicy,
+    Upstream,
+    peer_endpoint_description,
+)
 from swarm.mesh.overlay import Overlay
 from swarm.mesh.peer_wire import CLOSE_DUPLICATE_ID, hello
 from swarm.mesh.session import PeerSession
@@ -80,6 +89,122 @@ def test_a_reset_brings_the_delays_back_down():
     assert policy(1) == 30.0
     policy.handshake_failures = 0
     assert policy(1) == 1.0
+
+
+def test_refused_connects_back_off_to_at_most_two_seconds():
+    """Nothing listens at the peer yet: redialling costs nothing, so the delay stays
+    low instead of growing past the moment it starts (issue 11)."""
+    policy = RetryPolicy(initial=0.5, maximum=30.0, rng=TOP)
+    policy.refused = True
+    assert [policy(n) for n in (1, 2, 3, 6, 40, 10**6)] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    policy.rng = BOTTOM
+    assert [policy(n) for n in (1, 2, 3, 40)] == [0.5, 1.0, 1.0, 1.0]  # still jittered
+    policy.handshake_failures = 9  # however often it refused this node's hello before
+    assert policy(1) == 1.0
+    policy.refused = False  # anything else: the long backoff, counting every failure
+    assert policy(1) == 15.0 and policy(3) == 15.0
+    policy.rng = TOP
+    assert policy(0) == 30.0
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict]]:
+    """The log events that pass swarmcache's level filter (info and above)."""
+    found: list[dict] = []
+    globalLogPublisher.addObserver(found.append)
+    yield found
+    globalLogPublisher.removeObserver(found.append)
+
+
+def said(events: list[dict], *words: str) -> list[str]:
+    lines = [formatEvent(e) for e in events]
+    return [line for line in lines if all(w in line for w in words)]
+
+
+def test_an_unreachable_peer_is_logged_once_then_summed_up_then_reached(events):
+    clock = task.Clock()
+    reach = Reachability("ws://peer:1/peer", clock, interval=60.0)
+    assert reach.failed("Connection refused.") is True
+    quiet = []
+    for _ in range(59):  # one attempt a second for a minute: not a line more
+        clock.advance(1.0)
+        quiet.append(reach.failed("Connection refused."))
+    assert not any(quiet)
+    assert said(events, "cannot reach peer ws://peer:1/peer: Connection refused.")
+    assert len(events) == 1 and events[0]["log_level"] == LogLevel.warn
+    clock.advance(1.0)
+    assert reach.failed("User timeout caused connection failure.") is True
+    assert said(events, "peer ws://peer:1/peer still unreachable: 61 attempts failed in 60 "
+                "s, the last: User timeout caused connection failure.")
+    clock.advance(30.0)
+    assert reach.failed("Connection refused.") is False  # the next summary: at 120 s
+    clock.advance(1.5)
+    reach.reached()
+    assert said(events, "reached peer ws://peer:1/peer after 62 failed attempts in 91.5 s")
+    assert len(events) == 3
+    reach.reached()  # a peer reached at the first attempt: nothing to say
+    assert len(events) == 3
+    assert reach.failed("Connection refused.") is True  # unreachable once more
+    assert len(said(events, "cannot reach peer")) == 2
+
+
+def dialling(reactor: MemoryReactorClock) -> Upstream:
+    """An Upstream dialling ws://127.0.0.1:9 on ``reactor``, its jitter at its ceiling."""
+    overlay = Overlay("me", "s", 2, reactor)
+    upstream = Upstream("ws://127.0.0.1:9", overlay, reactor, 10.0, 5.0)
+    upstream.policy.rng = TOP
+    upstream.startService()
+    return upstream
+
+
+def fail_connect(reactor: MemoryReactorClock, error: Exception) -> float:
+    """Fail the connect in progress with ``error``; the delay until the next, which
+    is then made."""
+    factory = reactor.tcpClients[-1][2]
+    factory.clientConnectionFailed(reactor.connectors[-1], Failure(error))
+    (retry,) = reactor.getDelayedCalls()
+    delay = retry.getTime() - reactor.seconds()
+    attempts = len(reactor.tcpClients)
+    reactor.advance(delay)
+    assert len(reactor.tcpClients) == attempts + 1  # it dialled again
+    return delay
+
+
+def test_an_upstream_redials_a_refusing_peer_every_second_or_two_and_says_so_once(events):
+    """A peer that does not listen yet: two minutes of refused connects make one warning,
+    one retry line, one summary; not a pair of lines every second or two."""
+    reactor = MemoryReactorClock()
+    upstream = dialling(reactor)
+    delays = []
+    while reactor.seconds() < 2 * SUMMARY_INTERVAL + 5:  # tries at 0, 1, 3, 5... 125 s
+        delays.append(fail_connect(reactor, ConnectionRefusedError()))
+    assert delays[:3] == [1.0, 2.0, 2.0] and set(delays[3:]) == {2.0}
+    url = "ws://127.0.0.1:9/peer"
+    assert len(said(events, f"cannot reach peer {url}: Connection was refused")) == 1
+    assert len(said(events, f"peer {url} still unreachable: 32 attempts failed in 61 s")) == 1
+    assert len(said(events, "still unreachable: 62 attempts failed in 121 s")) == 1
+    assert len(said(events, f"Scheduling retry 1 to connect {url} in 1.0 seconds")) == 1
+    assert len(said(events, "Scheduling retry")) == 3  # each with a line that says why
+    assert len(events) == 6
+
+    # a peer that does not answer at all keeps the long backoff
+    assert fail_connect(reactor, TCPTimedOutError()) == 30.0
+    assert len(events) == 6
+
+    # the peer answers at last: the backoff starts again from the bottom
+    factory = reactor.tcpClients[-1][2]
+    factory.buildProtocol(None).makeConnection(StringTransport())
+    assert said(events, f"reached peer {url} after 64 failed attempts in 155.0 s")
+    assert not upstream.policy.refused and not upstream.quiet_retry
+    upstream.stopService()
+
+
+def test_stopping_while_it_dials_says_nothing_of_an_unreachable_peer(events):
+    reactor = MemoryReactorClock()
+    upstream = dialling(reactor)
+    upstream.stopService()
+    assert reactor.connectors[-1].stoppedConnecting
+    assert events == [] and upstream.reachability.failures == 0
 
 
 class OneShotEndpoint:
