@@ -110,6 +110,29 @@ class Node:
         return self.router.placement
 
 
+def test_a_burst_of_view_changes_derives_the_placement_once_on_first_use():
+    """A flood changes the view many times in a few ms; only the last view is placed."""
+    node = Node()
+    derived = []
+    inner = node.router._placement_of
+    node.router._placement_of = lambda nodes, known: derived.append(nodes) or inner(
+        nodes, known)
+    membership = node.overlay.membership
+    for i in range(5):  # five nodes join behind c, one announcement at a time
+        membership.receive([Announcement(f"d{i}", INC, 2, ("c",)),
+                            Announcement("c", INC, 3 + i, ("b", *(f"d{j}" for j in range(i + 1))))])
+        node.router.view_changed()
+    assert derived == []
+    everyone = frozenset({"a", "b", "c", *(f"d{i}" for i in range(5))})
+    assert node.placement == Placement(everyone, 1) and derived == [everyone]
+    assert node.placement is node.placement and len(derived) == 1
+    # the views a key may still be in are placed only when a missing key is looked for
+    (key,) = keys_of("a", node.placement)
+    node.router.route({"id": 1, "op": "get", "key": key}, 3, 5)
+    origins = set(node.router._origins)
+    assert len(origins) > 1 and set(derived[1:]) == origins
+
+
 # -- single keys -------------------------------------------------------------------------
 
 

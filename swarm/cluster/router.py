@@ -115,9 +115,12 @@ class QueryRouter:
         self.max_hops = max_hops
         self._node_stats = node_stats
         self._peer_parser = RequestParser(internal=True)
-        self.placement = Placement([node_id], replicas)
-        # Where keys may still be for a while after a change of view (see view_changed).
-        self._origins: dict[frozenset[str], Placement] = {}
+        self._placement = Placement([node_id], replicas)
+        #: The owners of a view the placement does not show yet (see view_changed).
+        self._owners: frozenset[str] | None = None
+        # Where keys may still be for a while after a change of view (see view_changed):
+        # the placement of each such view, once it was needed.
+        self._origins: dict[frozenset[str], Placement | None] = {}
         self._last_view: frozenset[str] = frozenset([node_id])
         self._migrating_until = 0.0
         self.swarm_wide = SwarmWide(node_id, commands,
@@ -127,7 +130,12 @@ class QueryRouter:
         }
 
     def view_changed(self) -> None:
-        """Recompute key placement over the nodes this node can reach now.
+        """Note the nodes this node can reach now; key placement follows on first use.
+
+        A flood of announcements changes the view many times within a few
+        milliseconds, and only the last view matters: the placement (and those of the
+        origins below) is derived when something first asks for it, from the last one
+        derived, so a burst costs one derivation, not one each.
 
         Until the handoffs have run, a key this node now owns may still sit where it
         was written: with its owner in a view this node had a moment ago (a join
@@ -138,20 +146,39 @@ class QueryRouter:
         """
         membership = self.overlay.membership
         reachable = membership.reachable
-        before = self.placement
-        self.placement = self._placement_of(membership.owners or {self.node_id}, [before])
+        self._owners = membership.owners or frozenset([self.node_id])
         now = self.overlay.clock.seconds()
         if now > self._migrating_until and not self.filling:
             self._origins = {}
         for nodes in (self._last_view, reachable - self._last_view):
             if nodes - {self.node_id} and nodes not in self._origins:
-                self._origins[nodes] = self._placement_of(
-                    nodes, [before, self.placement, *self._origins.values()])
+                self._origins[nodes] = None
         while len(self._origins) > MAX_ORIGINS:  # oldest first
             del self._origins[next(iter(self._origins))]
         self._last_view = reachable
         self._migrating_until = now + MIGRATION_WINDOW
         self._suspects = {n: t for n, t in self._suspects.items() if n in reachable}
+
+    @property
+    def placement(self) -> Placement:
+        """Key placement over the owners of the latest view."""
+        if self._owners is not None:
+            self._placement = self._placement_of(self._owners, [self._placement])
+            self._owners = None
+        return self._placement
+
+    @placement.setter
+    def placement(self, placement: Placement) -> None:
+        self._placement, self._owners = placement, None
+
+    def _origin_placements(self) -> list[Placement]:
+        """The placement of each view in :attr:`_origins`, derived where still missing."""
+        origins = self._origins
+        for nodes, placement in origins.items():
+            if placement is None:
+                known = [self.placement, *filter(None, origins.values())]
+                origins[nodes] = self._placement_of(nodes, known)
+        return list(origins.values())
 
     def _placement_of(self, nodes: frozenset[str], known: list[Placement]) -> Placement:
         """``Placement(nodes, self.replicas)``, derived from the nearest ``known`` one: a
@@ -577,9 +604,10 @@ class QueryRouter:
         ):
             return {}
         reachable = self.overlay.membership.reachable
+        origins = self._origin_placements()
         found: dict[str, list[str]] = {}
         for key in keys:
-            for holder in {origin.primary(key) for origin in self._origins.values()}:
+            for holder in {origin.primary(key) for origin in origins}:
                 if holder != self.node_id and holder in reachable:
                     found.setdefault(holder, []).append(key)
         return found

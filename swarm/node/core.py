@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from swarm.cluster.antientropy import INTERVAL as ANTI_ENTROPY_INTERVAL
 from swarm.cluster.antientropy import AntiEntropy
 from swarm.cluster.commands import StoreCommands
-from swarm.cluster.placement import Placement, partition_of
+from swarm.cluster.placement import partition_of
 from swarm.cluster.rebalance import Rebalancer
 from swarm.cluster.router import QueryRouter
 from swarm.errors import SwarmError, error_from_wire
@@ -160,7 +160,7 @@ class NodeCore:
         self.rebalancer.stop()
         others = self.overlay.membership.owners - {self.node_id}
         if others:
-            handoff = self.rebalancer.run(Placement(others, self.config.replicas))
+            handoff = self.rebalancer.run(self.router.placement.with_nodes(others))
             handoff.addTimeout(HANDOFF_GRACE, self.clock)
             handoff.addErrback(
                 lambda f: _log.warn("handoff incomplete: {e}", e=f.getErrorMessage())
