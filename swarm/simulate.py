@@ -9,7 +9,8 @@ changes a swarm lives through, one after another, and measures each:
 * ``msgs`` and ``bytes``: membership messages (everything but requests and replies) and
   their encoded size, in total and on the busiest link (both directions);
 * ``placement`` and ``routes``: CPU milliseconds one node spent recomputing key placement
-  and next hops for the change (mean over nodes, and the most any node spent);
+  and next hops for the change (mean over the nodes that were there before it, and the
+  most any of them spent; a joining node's first table, built whole, is ``joiner ms``);
 * ``moved``: the fraction of partitions whose owners changed.
 
 Shapes: ``tree`` (random), ``ring``, ``hubs`` (a full mesh of site hubs, each the root of
@@ -81,6 +82,8 @@ class Row:
     routes_ms_mean: float
     routes_ms_max: float
     moved: float
+    #: CPU ms of a joining node's first, whole placement (0 for other changes)
+    newcomer_placement_ms: float = 0.0
 
 
 class Meter:
@@ -112,25 +115,28 @@ class Meter:
             core = node.core
             if core is not None and id(core) not in self._wrapped:
                 self._wrapped.add(id(core))
-                self._time(core.router, "view_changed", self.placement_cpu, node.id,
-                           mark=True)
+                self._time(core.router, "_placement_of", self.placement_cpu, node.id)
                 self._time(core.overlay.membership, "_recompute", self.routes_cpu, node.id)
+                self._time(core.router, "view_changed", None, node.id)
         for conn in self.swarm.connections[self._connections:]:
             self._count(conn)
         self._connections = len(self.swarm.connections)
 
-    def _time(self, obj, name: str, into: dict, node: str, mark: bool = False) -> None:
+    def _time(self, obj, name: str, into: dict | None, node: str) -> None:
+        """Add the CPU time of each call of ``obj.name`` to ``into[node]``; with
+        ``into`` None, note when it was last called (a view change)."""
         inner = getattr(obj, name)
         clock = self.swarm.clock
 
         def timed(*args, **kwargs):
+            if into is None:
+                self.last_change = clock.seconds()
+                return inner(*args, **kwargs)
             started = time.process_time()
             try:
                 return inner(*args, **kwargs)
             finally:
                 into[node] += time.process_time() - started
-                if mark:
-                    self.last_change = clock.seconds()
 
         setattr(obj, name, timed)
 
@@ -209,14 +215,18 @@ class Simulation:
         moved = sum(old.owners_of_partition(p) != new.owners_of_partition(p)
                     for p in range(PARTITIONS)) / PARTITIONS
         meter = self.meter
-        nodes = self._running()
+        # a node new to the swarm builds its first table whole: that is shown apart
+        nodes = [n for n in self._running() if n.id in before]
         placement = [meter.placement_cpu.get(n.id, 0.0) * 1000 for n in nodes]
         routes = [meter.routes_cpu.get(n.id, 0.0) * 1000 for n in nodes]
+        newcomers = [meter.placement_cpu.get(n.id, 0.0) * 1000 for n in self._running()
+                     if n.id not in before]
         return Row(
-            self.shape, len(nodes), change, round(max(0.0, last - started), 3),
+            self.shape, len(self._running()), change, round(max(0.0, last - started), 3),
             meter.messages, meter.bytes, max(meter.per_link.values(), default=0),
             round(sum(placement) / len(nodes), 3), round(max(placement), 3),
             round(sum(routes) / len(nodes), 3), round(max(routes), 3), round(moved, 4),
+            round(max(newcomers, default=0.0), 3),
         )
 
     def _touched(self) -> set[str | None]:
@@ -316,7 +326,7 @@ _COLUMNS = (("shape", "shape", "{}"), ("nodes", "nodes", "{}"), ("change", "chan
             ("placement ms", "placement_ms_mean", "{:.2f}"),
             ("(max)", "placement_ms_max", "{:.2f}"),
             ("routes ms", "routes_ms_mean", "{:.2f}"), ("(max)", "routes_ms_max", "{:.2f}"),
-            ("moved", "moved", "{:.1%}"))
+            ("moved", "moved", "{:.1%}"), ("joiner ms", "newcomer_placement_ms", "{:.1f}"))
 
 
 def _format(rows: list[Row], header: bool = True) -> str:
