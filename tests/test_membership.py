@@ -427,6 +427,22 @@ def test_set_links_announces_only_changes_and_never_lists_itself():
     assert m.set_links([]) == Announcement("a", INC, 3, ())
 
 
+def test_the_view_is_computed_once_per_change_and_follows_every_kind_of_change():
+    """reachable and owners are read per request (routing, migration): each is one
+    object per view, and each kind of change gives the next view."""
+    m = Membership("a", INC)
+    m.set_links(["b"])
+    m.receive([Announcement("b", INC, 2, ("a", "c")), Announcement("c", INC, 2, ("b",))])
+    assert m.reachable is m.reachable and m.owners is m.owners
+    assert m.reachable == m.owners == {"a", "b", "c"}
+    m.receive([Announcement("c", INC, 3, ("b",), leaving=True)])
+    assert m.reachable == {"a", "b", "c"} and m.owners == {"a", "b"}
+    m.set_leaving()
+    assert m.owners == {"b"}
+    m.set_links([])
+    assert m.reachable == {"a"} and m.owners == frozenset()
+
+
 def test_report_lists_neighbors_and_hops_sorted_by_hops():
     m = Membership("n2", INC)
     m.set_links(["n1", "n3"])

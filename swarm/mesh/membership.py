@@ -345,15 +345,20 @@ class Membership:
                 queue.append(v)
         self.hops = hops
         self._next_hop = next_hop
+        self._reachable = frozenset(hops)
+        self._owners: frozenset[str] | None = None
 
     @property
     def reachable(self) -> frozenset[str]:
-        return frozenset(self.hops)
+        return self._reachable
 
     @property
     def owners(self) -> frozenset[str]:
         """Reachable nodes that may own keys: all but those announcing they leave."""
-        return frozenset(n for n in self.hops if not self._db[n].leaving)
+        if self._owners is None:
+            db = self._db
+            self._owners = frozenset(n for n in self.hops if not db[n].leaving)
+        return self._owners
 
     def next_hop(self, node: str) -> str | None:
         """The neighbor to forward through toward ``node`` (None: unreachable/self)."""
