@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from swarm.cluster.placement import PARTITIONS
+from swarm.cluster.placement import PARTITIONS, Placement
 from swarm.mesh.peer_wire import encode_peer_frame
 from swarm.simulator import SimConnection, Swarm
 
@@ -170,8 +170,20 @@ class Simulation:
         for a, b in self.edges:
             self.swarm.link(a, b)
         self.settle("the swarm to form")
+        self._share_first_placement(replicas)
         self._joined: str | None = None
         self._cut: list[tuple[str, str]] = []
+
+    def _share_first_placement(self, replicas: int) -> None:
+        """Give every node the placement of its formed view, built once for all nodes
+        with the same view: what is measured is what each change costs each node
+        after that (its first table, built whole, is the joiner's figure)."""
+        shared: dict[frozenset[str], Placement] = {}
+        for node in self._running():
+            owners = node.core.overlay.membership.owners
+            if owners not in shared:
+                shared[owners] = Placement(owners, replicas)
+            node.core.router.placement = shared[owners]
 
     # -- measuring --------------------------------------------------------------------
 
@@ -208,6 +220,8 @@ class Simulation:
         started = self.swarm.clock.seconds()
         act()
         last = self.settle(change)
+        for node in self._running():  # each node places its new view (counted)
+            node.core.router.placement
         # what moved, as a node that was there throughout and whose links stayed sees it
         touched |= self._touched()
         reference = next(n for n in self._running() if n.id in before and n.id not in touched)
