@@ -352,6 +352,37 @@ def _format(rows: list[Row], header: bool = True) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
+#: What the plot shows against the swarm's size, one panel each.
+_PANELS = (("converge_s", "simulated s until every view agrees"),
+           ("messages", "membership messages per change"),
+           ("placement_ms_mean", "CPU ms per node: placement"),
+           ("routes_ms_mean", "CPU ms per node: next hops"))
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Each panel of :data:`_PANELS` against the swarm's size, a line per shape and
+    change (log-log); needs matplotlib (``pip install matplotlib``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    lines: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        lines[row.shape, row.change].append(row)
+    for ax, (attr, title) in zip(axes.flat, _PANELS):
+        for (shape, change), points in sorted(lines.items()):
+            points.sort(key=lambda r: r.nodes)
+            ax.plot([r.nodes for r in points], [max(getattr(r, attr), 1e-3) for r in points],
+                    marker="o", label=f"{shape} {change}")
+        ax.set(title=title, xlabel="nodes", xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize="x-small", ncol=2)
+    figure.savefig(path)
+    pyplot.close(figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m swarm.simulate", description=__doc__.split("\n\n")[0])
@@ -367,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=2, help="replicas (2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="also plot cost against size to FILE (.png, .svg; matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     try:
@@ -381,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("a swarm here has at least 3 nodes")
     except ValueError as e:
         parser.error(str(e))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (before hours of simulation, not after)
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
     progress = (lambda _: None) if args.quiet else (
         lambda line: print(line, file=sys.stderr, flush=True))
     rows = simulate(shapes, sizes, changes, args.latency, args.replicas, args.seed,
@@ -389,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 

@@ -79,6 +79,16 @@ def test_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
     assert [(r["shape"], r["change"]) for r in rows] == [("ring", "join"), ("ring", "crash")]
 
 
+def test_the_plot_is_an_image_of_each_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cost.svg"
+    assert main(["--sizes", "4,6", "--shapes", "line,ring", "--line", "5",
+                 "--changes", "join", "--plot", str(out), "--quiet"]) == 0
+    svg = out.read_text()
+    assert svg.startswith("<?xml") and "membership messages per change" in svg
+    assert "ring join" in svg and "line join" in svg
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--shapes", "star"], "unknown shape star"),
     (["--changes", "join,explode"], "unknown change explode"),
