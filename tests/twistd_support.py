@@ -122,6 +122,25 @@ class Twistd:
             self.proc.wait(10)
 
 
+def spawn(workdir: Path, node_id: str, *options: str, port: int, name: str) -> Twistd:
+    """``twistd -n --pidfile= swarmcache --port P --node-id ID *options``, not waiting
+    for it to answer (see :func:`named_by_health`)."""
+    return Twistd(
+        workdir,
+        ["-n", "--pidfile=", "swarmcache", "--port", str(port), "--node-id", node_id,
+         *options],
+        name=name,
+        port=port,
+    )
+
+
+def named_by_health(t: Twistd, node_id: str) -> tuple[bool, Any]:
+    """(whether /health answers 200 with ``node_id``, what it answered)."""
+    code, body = health(t.port)  # type: ignore[arg-type]
+    return code == 200 and isinstance(body, dict) and body.get("node") == node_id, \
+        (code, body)
+
+
 def start_node(workdir: Path, node_id: str, *options: str, port: int | None = None,
                name: str | None = None, attempts: int = 5) -> Twistd:
     """``twistd -n --pidfile= swarmcache --port P --node-id ID *options``, once /health
@@ -129,18 +148,12 @@ def start_node(workdir: Path, node_id: str, *options: str, port: int | None = No
     loses the race for it ("cannot listen"); a process that fails to start is killed."""
     for attempt in range(1 if port is not None else attempts):
         p = port or free_port()
-        t = Twistd(
-            workdir,
-            ["-n", "--pidfile=", "swarmcache", "--port", str(p), "--node-id", node_id,
-             *options],
-            name=f"{name or node_id}-{attempt}",
-            port=p,
-        )
+        t = spawn(workdir, node_id, *options, port=p, name=f"{name or node_id}-{attempt}")
         try:
             deadline = time.monotonic() + START_DEADLINE
             while t.proc.poll() is None:
-                code, body = health(p)
-                if code == 200 and isinstance(body, dict) and body.get("node") == node_id:
+                named, (code, body) = named_by_health(t, node_id)
+                if named:
                     return t
                 if time.monotonic() > deadline:
                     raise AssertionError(f"no healthy /health within {START_DEADLINE}s "
@@ -313,19 +326,57 @@ class Swarm:
     def url(self, name: str) -> str:
         return self.nodes[name].url
 
-    async def start(self, name: str, *peers: str) -> SwarmClient:
-        """Start node ``name`` dialling ``peers`` (URLs; default: those it had), on the port
-        it had if it ran before; once /health names it, connect a client to it."""
+    def _options(self, name: str, peers: tuple[str, ...]) -> list[str]:
+        """The options of node ``name`` dialling ``peers`` (default: those it had)."""
         if peers or name not in self._peers:
             self._peers[name] = list(peers)
         old = self.nodes.get(name)
         assert old is None or old.proc.poll() is not None, f"{name} is still running"
-        options = [*self.options, *(f"--peer={p}" for p in self._peers[name])]
-        proc = start_node(self.workdir, name, *options, port=old.port if old else None,
-                          name=f"{name}-{len(self._started)}")
+        return [*self.options, *(f"--peer={p}" for p in self._peers[name])]
+
+    def _started_as(self, name: str, proc: Twistd) -> None:
         self._started.append(proc)
         self.nodes[name] = proc
+
+    async def start(self, name: str, *peers: str) -> SwarmClient:
+        """Start node ``name`` dialling ``peers`` (URLs; default: those it had), on the port
+        it had if it ran before; once /health names it, connect a client to it."""
+        options = self._options(name, peers)
+        old = self.nodes.get(name)
+        self._started_as(name, start_node(
+            self.workdir, name, *options, port=old.port if old else None,
+            name=f"{name}-{len(self._started)}"))
         return await self.connect(name)
+
+    def launch(self, name: str, *peers: str, port: int | None = None) -> None:
+        """Start node ``name`` like :meth:`start`, on ``port`` (default: the one it had,
+        else a free one), without waiting: many nodes start at once, each dialling
+        peers that may not listen yet. :meth:`until_up` waits for them."""
+        options = self._options(name, peers)
+        old = self.nodes.get(name)
+        port = port or (old.port if old else free_port())
+        self._started_as(name, spawn(self.workdir, name, *options, port=port,
+                                     name=f"{name}-{len(self._started)}"))
+
+    async def until_up(self, names: list[str], timeout: float = 4 * START_DEADLINE) -> None:
+        """Wait until /health names each node of ``names``, and connect a client to each;
+        fails at once if one of them exits."""
+        waiting = set(names)
+
+        async def up() -> bool | str:
+            for name in sorted(waiting):
+                proc = self.nodes[name]
+                if proc.proc.poll() is not None:
+                    return f"{name} exited while starting; {proc.describe()}"
+                if named_by_health(proc, name)[0]:
+                    waiting.discard(name)
+            return not waiting
+
+        answered = await eventually(up, f"{len(names)} nodes to answer /health", timeout,
+                                    self.logs)
+        assert answered is True, answered
+        for name in names:
+            await self.connect(name)
 
     async def connect(self, name: str) -> SwarmClient:
         """A new client connection to ``name`` (a restarted node needs one)."""
