@@ -146,6 +146,9 @@ def test_an_unreachable_peer_is_logged_once_then_summed_up_then_reached(events):
     assert len(events) == 3
     assert reach.failed("Connection refused.") is True  # unreachable once more
     assert len(said(events, "cannot reach peer")) == 2
+    clock.advance(1.0)
+    reach.reached()  # soon: the overlay's "link to ... up" says enough
+    assert len(events) == 4 and reach.failures == 0
 
 
 def dialling(reactor: MemoryReactorClock) -> Upstream:

@@ -14,7 +14,7 @@ delay stays within ``RetryPolicy.refused_maximum`` (1-2 s with jitter) instead o
 to 30 s, and a swarm started together links up as soon as each node listens rather than
 when each dialler's backoff comes round (issue 11: 20 nodes took 36 s once on a busy
 machine). The log says once that a peer cannot be reached, then sums up every
-``SUMMARY_INTERVAL`` seconds while it stays so, and says when it is reached again;
+``SUMMARY_INTERVAL`` seconds while it stays so, and then says when it is reached;
 ClientService's own line per retry comes with those lines (and with ``--log-level
 debug``), not every second or two in between.
 
@@ -127,9 +127,9 @@ class RetryPolicy:
 
 class Reachability:
     """What the log says about failed connects to one peer: a warning when it becomes
-    unreachable, a summary at most every ``interval`` seconds while it stays so, and a
-    line when it is reached again; not a line per attempt, which at 1-2 s apart would
-    bury everything else."""
+    unreachable, a summary at most every ``interval`` seconds while it stays so, and
+    after a summary a line when it is reached again; not a line per attempt, which at
+    1-2 s apart would bury everything else."""
 
     def __init__(self, url: str, clock: IReactorTime,
                  interval: float = SUMMARY_INTERVAL) -> None:
@@ -157,8 +157,11 @@ class Reachability:
         return True
 
     def reached(self) -> None:
+        """A connect succeeded: said at info after an outage long enough for a summary
+        (a shorter one ends with the overlay's "link to ... up")."""
         if self.failures:
-            _log.info("reached peer {url} after {failures} failed attempts in "
+            level = LogLevel.info if self._said > self._since else LogLevel.debug
+            _log.emit(level, "reached peer {url} after {failures} failed attempts in "
                       "{seconds:.1f} s", url=self.url, failures=self.failures,
                       seconds=self.clock.seconds() - self._since)
         self.failures = 0
