@@ -758,6 +758,14 @@ class Handoff:
             self.store.set(key, {"v": key}, None)
         return keys
 
+    def answer_all(self) -> list[tuple[str, dict]]:
+        """Answer every send ok, also those the answers let out (at most WINDOW
+        chunks go to an owner at a time); every send, in order."""
+        for owner, request, d in self.sends:  # grows while it is answered
+            if not d.called:
+                d.callback(ok(0, stored=len(request["entries"])))
+        return [(owner, request) for owner, request, _ in self.sends]
+
 
 def test_run_hands_every_entry_it_does_not_own_to_its_owner_in_chunks():
     h = Handoff()
@@ -768,8 +776,10 @@ def test_run_hands_every_entry_it_does_not_own_to_its_owner_in_chunks():
     h.clock.advance(10)
     done = h.rebalancer.run(h.placement)
     assert not done.called
+    # nothing leaves before its owner has it
+    assert all(h.store.exists(k) for k in mine + to_b + to_c)
     by_owner: dict[str, list] = {"b": [], "c": []}
-    for owner, request, _ in h.sends:
+    for owner, request in h.answer_all():
         assert request["id"] == 0 and request["op"] == "restore"
         assert 0 < len(request["entries"]) <= CHUNK
         by_owner[owner].append(request["entries"])
@@ -782,10 +792,6 @@ def test_run_hands_every_entry_it_does_not_own_to_its_owner_in_chunks():
     expiring = next(e for e in c_chunk if e[0] == to_c[0])
     assert expiring[1] == "expiring" and expiring[2] == pytest.approx(90.0)
     assert {e[0]: e[1] for e in c_chunk if e[0] != to_c[0]} == {k: {"v": k} for k in to_c[1:]}
-    # nothing leaves before its owner has it
-    assert all(h.store.exists(k) for k in mine + to_b + to_c)
-    for owner, request, d in h.sends:
-        d.callback(ok(0, stored=len(request["entries"])))
     assert result_of(done) == len(to_b) + len(to_c)
     assert all(h.store.exists(k) for k in mine)
     assert not any(h.store.exists(k) for k in to_b + to_c)
@@ -965,13 +971,28 @@ def test_a_large_scan_yields_to_the_reactor_between_slices():
     h = Handoff()
     h.fill("b", 2 * SCAN_SLICE + 10)
     done = h.rebalancer.run(h.placement)
-    # the first slice is scanned, then the scan waits for the reactor's next turn
-    assert not done.called and h.sends == [] and h.clock.getDelayedCalls()
+    # the first slice is scanned (its first chunks already on their way), then the
+    # scan waits for the reactor's next turn
+    assert not done.called and h.clock.getDelayedCalls()
+    assert 0 < sum(len(r["entries"]) for _, r, _ in h.sends) <= SCAN_SLICE
     h.clock.advance(0)  # (a fake clock's turn also runs what it schedules meanwhile)
-    assert len(h.sends) == -(-(2 * SCAN_SLICE + 10) // CHUNK)  # everything, in chunks
-    for _, request, d in h.sends:
-        d.callback(ok(0, stored=len(request["entries"])))
+    assert len(h.answer_all()) == -(-(2 * SCAN_SLICE + 10) // CHUNK)  # all, in chunks
     assert result_of(done) == 2 * SCAN_SLICE + 10
+
+
+def test_at_most_window_chunks_are_in_flight_to_one_owner():
+    from swarm.cluster.rebalance import WINDOW
+
+    h = Handoff()
+    h.fill("b", (WINDOW + 2) * CHUNK)
+    h.fill("c", (WINDOW + 2) * CHUNK)
+    done = h.rebalancer.run(h.placement)
+    h.clock.advance(0)
+    assert sorted(owner for owner, _, _ in h.sends) == ["b"] * WINDOW + ["c"] * WINDOW
+    h.sends[0][2].callback(ok(0, stored=CHUNK))  # one answered: one more goes
+    assert len(h.sends) == 2 * WINDOW + 1 and h.sends[-1][0] == h.sends[0][0]
+    assert len(h.answer_all()) == 2 * (WINDOW + 2)
+    assert result_of(done) == 2 * (WINDOW + 2) * CHUNK
 
 
 def test_entries_deleted_during_a_paused_scan_go_as_tombstones():
@@ -984,7 +1005,7 @@ def test_entries_deleted_during_a_paused_scan_go_as_tombstones():
         h.store.delete(key)
     h.store.take(keys[SCAN_SLICE:SCAN_SLICE + 5])  # and these are gone altogether
     h.clock.advance(0)
-    sent = [Entry.from_wire(e) for _, request, _ in h.sends for e in request["entries"]]
+    sent = [Entry.from_wire(e) for _, request in h.answer_all() for e in request["entries"]]
     assert {e.key for e in sent if not e.deleted} == set(keys[:SCAN_SLICE])
     assert {e.key for e in sent if e.deleted} == set(keys[SCAN_SLICE + 5:])
 

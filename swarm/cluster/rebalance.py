@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 
-from swarm.cluster.placement import Placement
+from swarm.cluster.placement import PARTITIONS, Placement, partition_of
 from swarm.logs import logger
 from swarm.protocol.entry import Entry
 from swarm.store.interface import IStore
@@ -33,6 +33,8 @@ _log = logger(__name__)
 #: it travels in frames every peer accepts and takes turns with other traffic.
 CHUNK = 256
 CHUNK_BYTES = 4 * 1024 * 1024
+#: Chunks in flight to one owner at a time (see _Outbox).
+WINDOW = 2
 #: The scan for entries to hand over yields to the reactor after this many entries.
 SCAN_SLICE = 5000
 #: Changes often come in bursts (a link-state flood): wait this long to act once.
@@ -83,32 +85,38 @@ class Rebalancer:
         with the number of entries (copies) handed over."""
         return Deferred.fromCoroutine(self._run(placement))
 
-    def _targets(self, key: str, owners: tuple[str, ...]) -> list[str]:
-        """Who gets this node's copy of ``key``: every owner when this node is not one
-        any more; else only owners that were not owners at the last complete run (they
-        had every write since; with one replica that is no one)."""
+    def _targets(self, placement: Placement, partition: int) -> tuple[list[str], bool]:
+        """Who gets this node's copies in ``partition``, and whether this node drops
+        them once they have: every owner when this node is not one any more; else only
+        owners that were not owners at the last complete run (they had every write
+        since; with one replica that is no one)."""
+        owners = placement.owners_of_partition(partition)
         if self.node_id not in owners:
-            return list(owners)
-        before = self._last.owners(key) if self._last is not None else (self.node_id,)
-        return [o for o in owners if o != self.node_id and o not in before]
+            return list(owners), True
+        before = self._last.owners_of_partition(partition) if self._last is not None \
+            else (self.node_id,)
+        return [o for o in owners if o != self.node_id and o not in before], False
 
     async def _run(self, placement: Placement) -> int:
-        groups: dict[str, list[Entry]] = {}
+        # The owners are worked out once per partition, not once per entry: a scan
+        # of a million entries then costs a CRC and a list index per entry.
+        table = [self._targets(placement, p) for p in range(PARTITIONS)]
+        outboxes: dict[str, _Outbox] = {}
         waiting: dict[str, int] = {}  # key of an entry to drop -> owners yet to confirm
         for n, entry in enumerate(self.store.entries(), 1):
-            owners = placement.owners(entry.key)
-            targets = self._targets(entry.key, owners)
-            for owner in targets:
-                groups.setdefault(owner, []).append(entry)
-            if self.node_id not in owners:
-                waiting[entry.key] = len(targets)
+            targets, drop = table[partition_of(entry.key)]
+            if targets:
+                if drop:  # before any chunk with it can be confirmed
+                    waiting[entry.key] = len(targets)
+                for owner in targets:
+                    outbox = outboxes.get(owner)
+                    if outbox is None:
+                        outbox = outboxes[owner] = _Outbox(
+                            lambda chunk, owner=owner: self._hand_over(owner, chunk, waiting))
+                    outbox.add(entry)
             if n % SCAN_SLICE == 0:  # a big store: let the reactor serve meanwhile
                 await deferLater(self.clock, 0, lambda: None)
-        sends = [
-            self._hand_over(owner, chunk, waiting)
-            for owner, entries in groups.items()
-            for chunk in chunks(entries)
-        ]
+        sends = [d for outbox in outboxes.values() for d in outbox.close()]
         handed = await gatherResults(sends) if sends else []
         if all(handed):  # else the next run compares with the last complete one
             self._last = placement
@@ -150,16 +158,56 @@ class Rebalancer:
         self._again = False
 
 
+class _Cutter:
+    """Cuts a stream of entries into requests of at most CHUNK entries and about
+    CHUNK_BYTES of values."""
+
+    def __init__(self) -> None:
+        self.chunk: list[Entry] = []
+        self._size = 0
+
+    def add(self, entry: Entry) -> list[Entry] | None:
+        """Take ``entry``; the chunk it closed, if it did."""
+        weight = measure(entry.value)
+        full = None
+        if self.chunk and (len(self.chunk) == CHUNK or self._size + weight > CHUNK_BYTES):
+            full, self.chunk, self._size = self.chunk, [], 0
+        self.chunk.append(entry)
+        self._size += weight
+        return full
+
+
+class _Outbox:
+    """The entries bound for one owner, sent in chunks as they fill while the scan
+    goes on, at most WINDOW at a time: the owner starts storing them at once, and a
+    request behind them on the link waits for a few chunks, not for the whole
+    handoff (nor does a send time out for waiting behind the others)."""
+
+    def __init__(self, send: Callable[[list[Entry]], Deferred]) -> None:
+        self._send = send
+        self._gate = DeferredSemaphore(WINDOW)
+        self._cutter = _Cutter()
+        self._sent: list[Deferred] = []
+
+    def add(self, entry: Entry) -> None:
+        full = self._cutter.add(entry)
+        if full is not None:
+            self._sent.append(self._gate.run(self._send, full))
+
+    def close(self) -> list[Deferred]:
+        """The last chunk sent too; every send's Deferred, in order."""
+        if self._cutter.chunk:
+            self._sent.append(self._gate.run(self._send, self._cutter.chunk))
+            self._cutter = _Cutter()
+        return self._sent
+
+
 def chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
     """``entries`` cut into requests of at most CHUNK entries and about CHUNK_BYTES."""
-    chunk: list[Entry] = []
-    size = 0
+    cutter = _Cutter()
     for entry in entries:
-        weight = measure(entry.value)
-        if chunk and (len(chunk) == CHUNK or size + weight > CHUNK_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(entry)
-        size += weight
-    if chunk:
-        yield chunk
+        full = cutter.add(entry)
+        if full is not None:
+            yield full
+    if cutter.chunk:
+        yield cutter.chunk
