@@ -193,14 +193,15 @@ async def run(args: argparse.Namespace, seed: int, workdir: Path,
         processes.extend(burn(args.busy_seconds))
     try:
         started = time.time()
-        for i in order:
+        deadline = started + args.deadline
+        watching = {}
+        for n, i in enumerate(order):
+            if n and args.stagger:
+                await sleep(args.stagger)
             nodes[i].start()
             processes.append(nodes[i].proc)
-            await sleep(args.stagger)
-        deadline = started + args.deadline
-        times = await gatherResults(
-            [Deferred.fromCoroutine(watch(n, set(order), deadline)) for n in nodes.values()],
-            consumeErrors=True)
+            watching[i] = Deferred.fromCoroutine(watch(nodes[i], set(order), deadline))
+        times = await gatherResults([watching[i] for i in nodes], consumeErrors=True)
     except Exception as e:
         failure = getattr(e, "subFailure", None)
         print(f"FAILED (seed {seed}): {failure.value if failure else e!r}", file=sys.stderr)
