@@ -767,6 +767,19 @@ class Handoff:
         return [(owner, request) for owner, request, _ in self.sends]
 
 
+def test_a_rebalancer_with_nothing_to_hand_over_does_not_ask_for_the_placement():
+    h = Handoff()
+    asked = []
+    h.rebalancer._placement = lambda: asked.append(1) or h.placement
+    h.rebalancer.schedule()
+    h.clock.advance(SETTLE)
+    assert asked == [] and h.sends == []
+    h.fill("b", 1)
+    h.rebalancer.schedule()
+    h.clock.advance(SETTLE)
+    assert asked == [1] and [owner for owner, _, _ in h.sends] == ["b"]
+
+
 def test_run_hands_every_entry_it_does_not_own_to_its_owner_in_chunks():
     h = Handoff()
     mine = h.fill("a", 5)
@@ -882,6 +895,7 @@ class CountedRuns:
     def __init__(self, rebalancer: Rebalancer):
         self.runs: list[tuple[Placement, Deferred]] = []
         rebalancer.run = self
+        rebalancer.store.set("k", 1, None)  # a store with nothing in it runs nothing
 
     def __call__(self, placement):
         d = Deferred()

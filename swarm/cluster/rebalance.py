@@ -70,6 +70,11 @@ class Rebalancer:
 
     def _start(self) -> None:
         self._scheduled = None
+        if next(self.store.entries(), None) is None:
+            # Nothing to hand over: no need for the new view's placement yet (a node
+            # with an empty store, in a swarm forming, would derive it at every burst).
+            # The next run compares with the last complete one, as after a failure.
+            return
         self._running = self.run(self._placement())
         self._running.addBoth(self._finished)
 
