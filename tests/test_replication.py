@@ -253,3 +253,39 @@ def test_stats_count_copies_by_role():
         assert s["other_copies"] == 0
     assert sum(s["primary_copies"] for s in stats.values()) == len(KEYS)
     assert sum(s["replica_copies"] for s in stats.values()) == len(KEYS)
+
+
+def test_a_write_that_timed_out_on_a_slow_way_does_not_overtake_the_next_one():
+    """The rebalance bench's wrong value (issue 11): a set times out on its way to its
+    old primary (here a link that takes 3 s; there a node frozen by work), a node joins
+    and takes the key, the client's next set goes straight to it and is acknowledged;
+    then the first set arrives at the old primary, which sends it on to the new one.
+    It was made earlier by the same node's clock, so the acknowledged set stays."""
+    from swarm.cluster.placement import Placement
+
+    nodes = ["n0", "n1", "n2", "n3"]
+    before, after = Placement(nodes, 2), Placement([*nodes, "n4"], 2)
+    key = next(k for k in (f"k{i}" for i in range(1000))
+               if "n0" not in before.owners(k) and after.primary(k) == "n4")
+    old = before.primary(key)
+    swarm = Swarm(replicas=2, request_timeout=1.0)
+    for node in nodes:
+        swarm.add(node)
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            swarm.link(a, b, latency=3.0 if {a, b} == {"n0", old} else None)
+    swarm.settle()
+    swarm.run(10)  # the slow link is up too
+    assert swarm.call("n1", "set", key=key, value="first")["stored"]
+    late = swarm["n0"].request("set", key=key, value="timed out")
+    outcome: list = []
+    late.addBoth(outcome.append)
+    swarm.add("n4")
+    for node in nodes:
+        swarm.link("n4", node)
+    swarm.until(lambda: outcome and "n4" in swarm["n0"].view)
+    assert "no reply" in str(outcome[0].value)
+    assert swarm.call("n0", "set", key=key, value="acknowledged")["stored"]
+    swarm.run(20)  # the late set arrives, handoffs and refills are over
+    assert {n: swarm.call(n, "get", key=key)["value"] for n in swarm.nodes} == \
+        dict.fromkeys(swarm.nodes, "acknowledged")

@@ -1007,6 +1007,19 @@ def test_a_stamped_write_older_than_the_copy_still_applies_just_above_it(store):
     assert version_of(store, "k") == (5000, 8, store.hlc.node_id)
 
 
+def test_a_late_overwrite_loses_to_a_later_one_from_the_same_node(store):
+    """Stamped earlier by the clock of the node that stamped the copy held, a plain
+    set or a delete arrives late (issue 11): the later write stays. An incr still
+    runs, just above it."""
+    store.put(entry("k", "held", (5000, 7, "a")))
+    store.put(entry("n", 1, (5000, 7, "a")))
+    assert store.set("k", "late", None, at=(4000, 0, "a")) is True
+    store.set_many({"k": "late"}, None, at=(4000, 1, "a"))
+    store.delete("k", at=(4000, 2, "a"))
+    assert store.get("k") == (True, "held")
+    assert store.incr("n", 1, None, at=(4000, 3, "a")) == 2
+
+
 def test_a_write_sent_again_with_its_stamp_is_not_applied_twice(store):
     assert store.incr("n", 5, None, at=(3000, 0, "b")) == 5
     assert store.incr("n", 5, None, at=(3000, 0, "b")) == 5  # the same increment

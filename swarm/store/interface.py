@@ -37,7 +37,9 @@ class IStore(Interface):
         Every write takes ``at``: the version the write was stamped with where it
         entered the swarm. It becomes the entry's version unless the copy held is as
         new (then the version is just above the held one); a write already held at
-        ``at`` is not applied again. Without ``at``, the store's clock stamps it."""
+        ``at`` is not applied again, nor is a plain set older than the held copy by
+        the clock of the node that stamped both (it arrived late: see
+        ``MemoryStore._stamp``). Without ``at``, the store's clock stamps it."""
 
     def delete(key: str, at: Version | None = None) -> bool:
         """Leave a tombstone for ``key``; whether a live entry was there."""

@@ -250,7 +250,7 @@ class MemoryStore:
             present = self._live(key) is not None
             if (nx and present) or (xx and not present):
                 return False
-        version = self._stamp(key, at)
+        version = self._stamp(key, at, overwrites=not (nx or xx))
         if version is not None:
             self._put(key, value, self._deadline(ttl), version)
         return True
@@ -261,7 +261,7 @@ class MemoryStore:
         deadline = self._deadline(ttl)
         version = self.hlc.now() if at is None else None  # one write, one version
         for key, value, size in sized:
-            stamp = version or self._stamp(key, at)
+            stamp = version or self._stamp(key, at, overwrites=True)
             if stamp is not None:
                 self._put(key, value, deadline, stamp, size)
         return len(sized)
@@ -287,7 +287,7 @@ class MemoryStore:
         """A tombstone whether or not the key is here: a copy may live elsewhere (a
         frozen node, the other side of a partition) and must not come back."""
         existed = self._live(key) is not None
-        version = self._stamp(key, at)
+        version = self._stamp(key, at, overwrites=True)
         if version is not None:
             self._bury(key, version, self.tombstone_ttl)
         return existed
@@ -306,13 +306,23 @@ class MemoryStore:
                 self._deadline_set(key, deadline)
         return True
 
-    def _stamp(self, key: str, at: Version | None) -> Version | None:
+    def _stamp(self, key: str, at: Version | None, overwrites: bool = False
+               ) -> Version | None:
         """The version of a write: this clock's next, or for a write stamped where it
         entered the swarm (``at``), that stamp, unless the copy held is as new: then
-        just above it (writes to one key are ordered as they arrive here), or None
-        when the copy held is this very write (the request was sent again). A write
-        run late (by a node that was frozen with it) keeps the age it had when it was
-        made, so it cannot overtake writes made after it."""
+        just above it (writes to one key are ordered as they arrive here, whatever the
+        skew between the clocks of the nodes they entered by), or None when the copy
+        held is this very write (the request was sent again). A write run late (by a
+        node that was frozen with it) keeps the age it had when it was made, so it
+        cannot overtake writes made after it.
+
+        A write that ``overwrites`` whatever is held (a plain set, a delete) and is
+        older than the copy held *by the clock of the same node* was made before that
+        copy's write entered by that node: it arrives late (it waited in a frozen or
+        busy node, or took a detour while the view changed, after its client was
+        answered or it was sent again), and it is not applied (None), so the
+        later write stays. Writes that read what is held (incr, conditional sets,
+        expire) still run just above it, in the order they arrive."""
         if at is None:
             return self.hlc.now()
         self.hlc.observe(at)
@@ -324,7 +334,7 @@ class MemoryStore:
         version = _version(held)
         if version < at:
             return at
-        if version == at:
+        if version == at or (overwrites and version[2] == at[2]):
             return None
         above = (version[0], version[1] + 1, self.hlc.node_id)
         self.hlc.observe(above)
