@@ -25,6 +25,17 @@ def test_a_bucket_gives_its_burst_then_its_rate():
     assert not bucket.take(10.0)  # refilled to its burst, not beyond
 
 
+def test_a_token_short_by_a_rounding_error_is_due_at_a_time_the_clock_can_reach():
+    """Seen in a 1,000-node simulation: 1e-15 short of a token at t = 0.52, the wait was
+    4e-17 s, t + 4e-17 == t, and the release timer fired at 0.52 forever."""
+    now = 0.5199999999999999
+    bucket = TokenBucket(rate=RATE, burst=BURST, now=now)
+    bucket._tokens = 0.9999999999999987
+    wait = bucket.wait(now)
+    assert now + wait > now and bucket.take(now + wait)
+    assert bucket.wait(now + wait) > 0  # spent: the next one is a whole 1 / rate away
+
+
 def _news(known: dict):
     return lambda a: a.node not in known or a.version > known[a.node]
 

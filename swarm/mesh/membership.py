@@ -395,6 +395,10 @@ BURST = 32
 RATE = 32.0
 
 
+#: The shortest wait :meth:`TokenBucket.wait` gives: far above any clock's resolution.
+MIN_WAIT = 0.001
+
+
 class TokenBucket:
     """``burst`` tokens, refilled at ``rate`` per second; times are passed in."""
 
@@ -415,9 +419,14 @@ class TokenBucket:
         return True
 
     def wait(self, now: float) -> float:
-        """Seconds until a token is there (0: now)."""
+        """Seconds until a token is there (0: now), at least MIN_WAIT when not now:
+        a token short by a rounding error would otherwise be due in less time than
+        the clock can add to ``now``, and a timer for it would fire at ``now`` again
+        and again (on a simulated clock, forever)."""
         self._refill(now)
-        return max(0.0, (1 - self._tokens) / self.rate)
+        if self._tokens >= 1:
+            return 0.0
+        return max(MIN_WAIT, (1 - self._tokens) / self.rate)
 
     def full(self, now: float) -> bool:
         self._refill(now)
