@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from swarm.cluster import antientropy, commands
-from swarm.cluster.antientropy import INTERVAL, compare, digests, entry_hash
+from swarm.cluster.antientropy import INTERVAL, compare, digests, entry_hash, fingerprint
 from swarm.cluster.placement import PARTITIONS, partition_of
 from swarm.node.core import AFTER_CHANGE
 from swarm.protocol.entry import Entry
@@ -33,10 +33,10 @@ def test_compare_names_the_partitions_that_differ_and_returns_their_entries():
     store.set("differs", 2, None)
     theirs = digests(store.entries(), {partition_of("same"), partition_of("differs")})
     theirs[partition_of("differs")] ^= 1  # the other owner's copy is another version
-    differ, more, entries = compare(store, theirs)
+    differ, more, entries, _ = compare(store, theirs)
     assert (differ, more) == ([partition_of("differs")], [])
     assert [e.key for e in entries] == ["differs"]
-    assert compare(store, digests(store.entries(), theirs)) == ([], [], [])
+    assert compare(store, digests(store.entries(), theirs)) == ([], [], [], [])
 
 
 def test_a_compare_answer_is_bounded_and_names_the_partitions_left_to_ask_for():
@@ -45,18 +45,70 @@ def test_a_compare_answer_is_bounded_and_names_the_partitions_left_to_ask_for():
         store.set(f"k{i}", i, None)
     everything = range(PARTITIONS)
     empty = dict.fromkeys(everything, 0)  # an owner that holds nothing yet
-    answered, more, entries = compare(store, empty, max_entries=50)
+    answered, more, entries, _ = compare(store, empty, max_entries=50)
     assert 0 < len(entries) <= 50 and more
     assert {partition_of(e.key) for e in entries} == set(answered)
     assert not set(answered) & set(more)
     assert len(answered) + len(more) == len({partition_of(f"k{i}") for i in range(300)})
-    one, _, alone = compare(store, empty, max_entries=0)  # still one partition's worth
+    one, _, alone, _ = compare(store, empty, max_entries=0)  # still one partition's worth
     assert len(one) == 1 and alone
+
+
+def digest_store(clock=None, **config) -> MemoryStore:
+    """A store as a node makes it: digests per partition kept on every change."""
+    return MemoryStore(clock or Clock(), partition=partition_of, fingerprint=fingerprint,
+                       **config)
+
+
+def test_a_store_keeps_its_digests_equal_to_a_scan_through_every_kind_of_change():
+    clock = Clock()
+    store = digest_store(clock, max_memory=40_000)
+    for i in range(200):  # more than fits: the first ones are evicted
+        store.set(f"k{i}", "x" * 50, 5 if i % 3 else None)
+    store.set("k150", "again", None)
+    store.delete("k151")
+    store.delete("never-held")
+    store.expire("k152", 1)
+    store.incr("n", 2, None)
+    store.put(Entry("k153", "merged", None, (store.hlc.now()[0] + 9, 0, "x")))
+    store.take(["k154"])
+    store.discard("k155", store.read(["k155"])[0].version)
+    clock.advance(2)  # k152 expired, not swept yet
+    everything = range(PARTITIONS)
+    assert store.digests(everything) == digests(store.entries(), everything)
+    assert {e.key for p in everything for e in store.partition_entries(p)} == \
+        {e.key for e in store.entries()}
+    clock.advance(4)  # the entries with a ttl, then the tombstone's clear
+    store.clear(store.hlc.now())
+    assert store.digests(everything) == dict.fromkeys(everything, 0)
+
+
+def test_compare_with_a_store_that_keeps_digests_scans_nothing(monkeypatch):
+    store = digest_store()
+    for i in range(300):
+        store.set(f"k{i}", i, None)
+    theirs = store.digests(range(PARTITIONS))
+    theirs[partition_of("k7")] ^= 1
+    monkeypatch.setattr(store, "entries", None)  # a scan would fail
+    differ, more, entries, _ = compare(store, theirs)
+    assert (differ, more) == ([partition_of("k7")], [])
+    assert {e.key for e in entries} == {f"k{i}" for i in range(300)
+                                        if partition_of(f"k{i}") == partition_of("k7")}
+
+
+def test_a_compare_answer_is_bounded_by_bytes_too():
+    store = digest_store(max_memory=10 ** 8)
+    for i in range(100):
+        store.set(f"k{i}", "x" * 10_000, None)
+    answered, more, entries, _ = compare(store, dict.fromkeys(range(PARTITIONS), 0),
+                                      max_bytes=100_000)
+    assert 1 <= len(entries) <= 10 and len(answered) + len(more) == \
+        len({partition_of(f"k{i}") for i in range(100)})
 
 
 def test_anti_entropy_asks_again_until_every_differing_partition_is_answered(monkeypatch):
     monkeypatch.setattr(antientropy, "COMPARE_ENTRIES", 5)
-    monkeypatch.setattr(commands.compare, "__defaults__", (5,))
+    monkeypatch.setattr(commands.compare, "__defaults__", (5, antientropy.COMPARE_BYTES))
     swarm, keys = two_owners()
     for key in keys:  # n1 misses every copy, as a backup that restarted would
         swarm["n1"].store.take([key])
@@ -151,3 +203,37 @@ def test_one_replica_runs_no_round():
     swarm.build(2, [(0, 1)])
     swarm.run(INTERVAL + 1)
     assert all(swarm[n].core.anti_entropy.rounds == 0 for n in ("n0", "n1"))
+
+
+def test_compare_leaves_out_the_partitions_still_being_handed_over():
+    store = digest_store()
+    for i in range(300):
+        store.set(f"k{i}", i, None)
+    empty = dict.fromkeys(range(PARTITIONS), 0)
+    held = {partition_of(f"k{i}") for i in range(300)}
+    handed = set(sorted(held)[::2])
+    answer = compare(store, empty, handing=handed.__contains__)
+    assert set(answer.pending) == handed
+    assert set(answer.differ) | set(answer.more) == held - handed
+    assert {partition_of(e.key) for e in answer.entries} <= held - handed
+
+
+def test_a_joiners_refill_leaves_to_the_handoffs_what_they_bring():
+    """Handoffs over slow links take longer than AFTER_CHANGE: the joiner's refill
+    waits for them instead of taking the same entries through compare (issue 11)."""
+    swarm = Swarm(replicas=2)
+    swarm.build(3, [(0, 1), (1, 2), (2, 0)])
+    keys = [f"k{i}" for i in range(8000)]
+    for i in range(0, len(keys), 500):
+        swarm.call("n0", "mset", items=dict.fromkeys(keys[i:i + 500], "v"))
+    swarm.add("n3")
+    for node in ("n0", "n1", "n2"):
+        swarm.link("n3", node, latency=1.0)
+    swarm.until(lambda: len(swarm["n3"].view) == 4)
+    swarm.run(AFTER_CHANGE + 1)
+    assert swarm["n3"].core.router.filling  # the handoffs are still on their way
+    swarm.until(lambda: not swarm["n3"].core.router.filling, timeout=60)
+    owned = [k for k in keys if "n3" in swarm.call("n3", "owner", key=k)["nodes"]]
+    assert all(swarm["n3"].store.get(k) == (True, "v") for k in owned)
+    assert swarm["n3"].core.anti_entropy.rounds >= 1
+    assert [swarm[n].core.anti_entropy.repairs for n in swarm.nodes] == [0] * 4

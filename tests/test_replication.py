@@ -289,3 +289,21 @@ def test_a_write_that_timed_out_on_a_slow_way_does_not_overtake_the_next_one():
     swarm.run(20)  # the late set arrives, handoffs and refills are over
     assert {n: swarm.call(n, "get", key=key)["value"] for n in swarm.nodes} == \
         dict.fromkeys(swarm.nodes, "acknowledged")
+
+
+def test_a_handoff_that_timed_out_is_run_again_without_a_change_of_view():
+    """The joiner freezes for less than the ping timeout while its copies are on their
+    way: the chunks time out, and the old owners send them again a moment later."""
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2, request_timeout=1.0)
+    write_keys(swarm, "n0")
+    swarm.add("n3")
+    for node in ("n0", "n1", "n2"):
+        swarm.link("n3", node)
+    swarm.until(lambda: all(len(swarm[n].view) == 4 for n in swarm.nodes))
+    swarm.freeze("n3")
+    swarm.run(1.5)
+    swarm.thaw("n3")
+    assert all(len(swarm[n].view) == 4 for n in swarm.nodes)  # no change of view
+    swarm.run(10)
+    assert_held_by_their_owners(swarm, "n3")
+    assert_read_everywhere(swarm)

@@ -22,33 +22,44 @@ move only where copies differ. Nothing runs with ``--replicas 1``.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.task import deferLater
 
 from swarm.cluster.placement import PARTITIONS, Placement, partition_of
 from swarm.cluster.rebalance import chunks
 from swarm.logs import logger
-from swarm.protocol.entry import Entry
-from swarm.store.interface import IStore
+from swarm.protocol.entry import Entry, Version
+from swarm.store.interface import IPartitionDigests, IStore
+from swarm.store.memory import measure
 
 _log = logger(__name__)
 
 #: A compare answer carries the entries of as many differing partitions as fit in
-#: about this many entries (at least one partition's), and names the rest to ask again.
-COMPARE_ENTRIES = 4096
+#: about this many entries and bytes of values (at least one partition's), and names
+#: the rest to ask again: one answer is a bounded frame and a bounded reactor turn.
+COMPARE_ENTRIES = 2048
+COMPARE_BYTES = 1024 * 1024
 #: Seconds between rounds. A round scans the store once on the primary and once per
 #: compare on each other owner (about 3 µs per entry measured, so 1M entries cost ~3 s
 #: of CPU per scan): every five minutes keeps that to about 1-3 % of a core.
 INTERVAL = 300.0
+#: How often partitions that the other owner is still handing over are asked about.
+PENDING_PAUSE = 0.5
+
+
+def fingerprint(key: str, version: Version, deleted: bool) -> int:
+    """A 64-bit hash of what makes a copy this copy: key, version, deleted (what a
+    store keeping digests per partition is given: see IPartitionDigests)."""
+    ms, counter, node = version
+    text = f"{key}\0{ms}\0{counter}\0{node}\0{int(deleted)}"
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "big")
 
 
 def entry_hash(entry: Entry) -> int:
-    """A 64-bit hash of what makes a copy this copy: key, version, deleted."""
-    ms, counter, node = entry.version
-    text = f"{entry.key}\0{ms}\0{counter}\0{node}\0{int(entry.deleted)}"
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
-                                          digest_size=8).digest(), "big")
+    return fingerprint(entry.key, entry.version, entry.deleted)
 
 
 def digests(entries: Iterable[Entry], partitions: Iterable[int]) -> dict[int, int]:
@@ -61,34 +72,70 @@ def digests(entries: Iterable[Entry], partitions: Iterable[int]) -> dict[int, in
     return result
 
 
-def entries_in(entries: Iterable[Entry], partitions: set[int]) -> list[Entry]:
-    return [e for e in entries if partition_of(e.key) in partitions]
+def digests_of(store: IStore, partitions: Iterable[int]) -> dict[int, int]:
+    """:func:`digests` of ``store``: kept up to date by a store that can, else
+    worked out by a scan of every entry."""
+    if IPartitionDigests.providedBy(store):
+        return store.digests(partitions)
+    return digests(store.entries(), partitions)
 
 
-def compare(
-    store: IStore, theirs: dict[int, int], max_entries: int = COMPARE_ENTRIES
-) -> tuple[list[int], list[int], list[Entry]]:
-    """The answer to a ``compare`` request: the partitions of ``theirs`` whose digests
-    differ from this store's and whose entries come with it, those that differ but
-    must be asked for again (the answer holds about ``max_entries`` entries, and at
-    least one partition's), and the entries."""
-    mine = digests(store.entries(), theirs)
-    differ = sorted(p for p, d in theirs.items() if mine[p] != d)
-    if not differ:
-        return [], [], []
-    by_partition: dict[int, list[Entry]] = {p: [] for p in differ}
+def entries_of(store: IStore, partitions: Iterable[int]) -> Callable[[int], list[Entry]]:
+    """``partition -> its entries in store``, for each of ``partitions``: read on
+    demand from a store that keeps them by partition, else gathered by one scan."""
+    if IPartitionDigests.providedBy(store):
+        return store.partition_entries
+    by_partition: dict[int, list[Entry]] = {p: [] for p in partitions}
     for entry in store.entries():
         held = by_partition.get(partition_of(entry.key))
         if held is not None:
             held.append(entry)
+    return by_partition.__getitem__
+
+
+class Answer(NamedTuple):
+    """A ``compare`` answer: the partitions that differ whose entries come with it,
+    those that differ but must be asked for again, the entries, and the partitions
+    that differ but are still being handed over by this node (ask again later)."""
+
+    differ: list[int]
+    more: list[int]
+    entries: list[Entry]
+    pending: list[int] = []
+
+
+def compare(
+    store: IStore, theirs: dict[int, int], max_entries: int = COMPARE_ENTRIES,
+    max_bytes: int = COMPARE_BYTES, *, handing: Callable[[int], bool] = lambda p: False,
+) -> Answer:
+    """The answer to a ``compare`` request: the entries of the partitions of ``theirs``
+    whose digests differ from this store's, at most about ``max_entries`` entries and
+    ``max_bytes`` of values (and at least one partition's), except in those that this
+    node is ``handing`` over: the handoff brings them, and a refill that took them now
+    would move them twice.
+
+    With a store that keeps its digests (IPartitionDigests) this costs a lookup per
+    partition asked about and the entries answered, so a node serving it blocks
+    its reactor for milliseconds, however large its store."""
+    mine = digests_of(store, theirs)
+    differ, pending = [], []
+    for p in sorted(theirs):
+        if mine[p] != theirs[p]:
+            (pending if handing(p) else differ).append(p)
     answered: list[int] = []
     entries: list[Entry] = []
+    size = 0
+    entries_in = entries_of(store, differ)
     for p in differ:
-        if answered and len(entries) + len(by_partition[p]) > max_entries:
+        held = entries_in(p)
+        weight = sum(measure(e.value) for e in held)
+        if answered and (len(entries) + len(held) > max_entries
+                         or size + weight > max_bytes):
             break
         answered.append(p)
-        entries.extend(by_partition[p])
-    return answered, differ[len(answered):], entries
+        entries.extend(held)
+        size += weight
+    return Answer(answered, differ[len(answered):], entries, pending)
 
 
 class AntiEntropy:
@@ -101,8 +148,10 @@ class AntiEntropy:
         placement: Callable[[], Placement],
         send: Callable[[str, dict], Deferred],
         merge: Callable[[list], int],
+        clock,
     ) -> None:
         self.node_id = node_id
+        self.clock = clock
         self.store = store
         self._placement = placement
         self._send = send  # (node, request) -> Deferred[reply], never failing
@@ -153,7 +202,7 @@ class AntiEntropy:
         if not shared:
             return None
         self.rounds += 1
-        mine = digests(self.store.entries(), range(PARTITIONS))
+        mine = digests_of(self.store, range(PARTITIONS))
         return gatherResults([
             Deferred.fromCoroutine(self._compare_with(node, {p: mine[p] for p in partitions}))
             for node, partitions in shared.items()
@@ -161,33 +210,47 @@ class AntiEntropy:
 
     async def _compare_with(self, node: str, sums: dict[int, int]) -> None:
         """Ask ``node`` about ``sums`` until it has answered for every partition that
-        differs; keep the newer of each entry on both sides."""
+        differs; keep the newer of each entry on both sides. Partitions that ``node``
+        is still handing over are asked about again every PENDING_PAUSE seconds,
+        until its handoff is over (then they are equal, unless a copy was missed)."""
         while sums:
             reply = await self._send(node, {"id": 0, "op": "compare", "digests": sums})
-            differ = reply.get("differ") if reply.get("ok") else None
-            if not isinstance(differ, list) or not differ:
+            if not reply.get("ok"):
                 return
-            theirs = reply.get("entries")
-            kept_here = self._merge(theirs if isinstance(theirs, list) else [])
-            answered = {p for p in differ if isinstance(p, int) and p in sums}
-            if not answered:
+            differ, more, pending = (_partitions(reply.get(name), sums)
+                                     for name in ("differ", "more", "pending"))
+            if differ:
+                await self._exchange(node, differ, reply.get("entries"))
+            elif more or not pending:  # nothing answered: a bad answer, or all equal
                 return
-            ours = entries_in(self.store.entries(), answered)
-            _log.info("anti-entropy with {node}: {n} partitions differed, {kept} entries "
-                      "kept here, {sent} sent", node=node, n=len(answered), kept=kept_here,
-                      sent=len(ours))
-            self.repairs += kept_here
-            await gatherResults([
-                self._send(node, {"id": 0, "op": "restore",
-                                  "entries": [e.to_wire() for e in chunk]}).addCallback(
-                    self._count_repairs)
-                for chunk in chunks(ours)
-            ])
-            more = reply.get("more")
-            left = {p for p in more if isinstance(p, int) and p in sums} - answered \
-                if isinstance(more, list) else set()
-            sums = digests(self.store.entries(), left) if left else {}
+            else:
+                await deferLater(self.clock, PENDING_PAUSE, lambda: None)
+            left = (more | pending) - differ
+            sums = digests_of(self.store, left) if left else {}
+
+    async def _exchange(self, node: str, answered: set[int], theirs) -> None:
+        """Keep the newer of ``node``'s entries (``theirs``, in wire form) and send it
+        this node's entries of the partitions it ``answered``."""
+        kept_here = self._merge(theirs if isinstance(theirs, list) else [])
+        entries_in = entries_of(self.store, answered)
+        ours = [e for p in sorted(answered) for e in entries_in(p)]
+        _log.info("anti-entropy with {node}: {n} partitions differed, {kept} entries "
+                  "kept here, {sent} sent", node=node, n=len(answered), kept=kept_here,
+                  sent=len(ours))
+        self.repairs += kept_here
+        await gatherResults([
+            self._send(node, {"id": 0, "op": "restore",
+                              "entries": [e.to_wire() for e in chunk]}).addCallback(
+                self._count_repairs)
+            for chunk in chunks(ours)
+        ])
 
     def _count_repairs(self, reply: dict) -> None:
         if reply.get("ok") and isinstance(reply.get("stored"), int):
             self.repairs += reply["stored"]
+
+
+def _partitions(named, asked: dict[int, int]) -> set[int]:
+    """The partitions of a reply's list ``named`` that were asked about."""
+    return {p for p in named if isinstance(p, int) and p in asked} \
+        if isinstance(named, list) else set()

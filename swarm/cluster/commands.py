@@ -28,12 +28,16 @@ class StoreCommands:
         store: IStore,
         default_ttl: float | None = None,
         keeps: Callable[[str], bool] = lambda key: False,
+        handing: Callable[[int], bool] = lambda partition: False,
     ) -> None:
         """``keeps(key)``: whether this node still holds ``key`` as one of its owners,
-        so a ``take`` from a new owner copies it rather than moving it."""
+        so a ``take`` from a new owner copies it rather than moving it.
+        ``handing(partition)``: whether this node's handoff is still bringing the
+        partition's copies to their owners (a ``compare`` leaves it to that)."""
         self.store = store
         self.default_ttl = default_ttl or None
         self._keeps = keeps
+        self._handing = handing
         self._handlers: dict[str, Callable[[dict], dict]] = {
             op.name: getattr(self, "handle_" + op.name)
             for op in ops_of(Kind.READ, Kind.WRITE, Kind.INTERNAL)
@@ -108,10 +112,12 @@ class StoreCommands:
         return {"entries": [e.to_wire() for e in entries]}
 
     def handle_compare(self, r: dict) -> dict:
-        differ, more, entries = compare(self.store, r["digests"])
-        reply = {"differ": differ, "entries": [e.to_wire() for e in entries]}
-        if more:
-            reply["more"] = more
+        answer = compare(self.store, r["digests"], handing=self._handing)
+        reply = {"differ": answer.differ, "entries": [e.to_wire() for e in answer.entries]}
+        if answer.more:
+            reply["more"] = answer.more
+        if answer.pending:  # peers before issue 11 ignore it: the handoff brings them
+            reply["pending"] = answer.pending
         return reply
 
     def merge(self, entries: Iterable[Any]) -> int:

@@ -11,14 +11,24 @@ is newer than what the owner holds, so whichever copy arrives first, the last wr
 wins. A node stopping gracefully does the same with itself left out of the placement,
 before it closes its links.
 
-Runs never overlap: a view change during a run schedules one more run after it.
+Runs never overlap: a view change during a run schedules one more run after it. A run
+where some chunk was not confirmed (the owner was slow, busy or briefly unreachable) is
+tried again RETRY seconds later, doubling, up to RETRIES times, without waiting for the
+next view change. While a run is under way or due, :meth:`Rebalancer.handing` says which
+partitions are still on their way (a refill leaves those to it).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.task import deferLater
 
 from swarm.cluster.placement import PARTITIONS, Placement, partition_of
@@ -39,6 +49,10 @@ WINDOW = 2
 SCAN_SLICE = 5000
 #: Changes often come in bursts (a link-state flood): wait this long to act once.
 SETTLE = 0.05
+#: A run that did not hand over everything runs again after RETRY seconds, then after
+#: twice as long, up to RETRIES times; then only the next change of view tries again.
+RETRY = 1.0
+RETRIES = 5
 
 
 class Rebalancer:
@@ -58,15 +72,39 @@ class Rebalancer:
         self._scheduled = None
         self._running: Deferred | None = None
         self._again = False
+        self._retries = 0  # runs in a row that did not hand over everything
+        self._incomplete = False  # the last run did not
+        self._idle: list[Deferred] = []
         self.moved = 0
         #: The placement of the last run that handed everything it meant to.
         self._last: Placement | None = None
 
-    def schedule(self) -> None:
+    def schedule(self, delay: float = SETTLE) -> None:
+        """Run after ``delay`` (a change of view), or after the run under way."""
         if self._running is not None:
             self._again = True
         elif self._scheduled is None:
-            self._scheduled = self.clock.callLater(SETTLE, self._start)
+            self._scheduled = self.clock.callLater(delay, self._start)
+        elif self._scheduled.getTime() > self.clock.seconds() + delay:
+            self._scheduled.reset(delay)  # a change of view before a retry comes first
+
+    @property
+    def busy(self) -> bool:
+        """A run is under way or due (after a change of view, or again)."""
+        return self._running is not None or self._scheduled is not None
+
+    def idle(self) -> Deferred:
+        """Fires once no run is under way or due."""
+        if not self.busy:
+            return succeed(None)
+        d = Deferred()
+        self._idle.append(d)
+        return d
+
+    def handing(self, partition: int) -> bool:
+        """Whether a run under way or due hands this node's copies in ``partition``
+        to an owner."""
+        return self.busy and bool(self._targets(self._placement(), partition)[0])
 
     def _start(self) -> None:
         self._scheduled = None
@@ -74,6 +112,7 @@ class Rebalancer:
             # Nothing to hand over: no need for the new view's placement yet (a node
             # with an empty store, in a swarm forming, would derive it at every burst).
             # The next run compares with the last complete one, as after a failure.
+            self._settled()
             return
         self._running = self.run(self._placement())
         self._running.addBoth(self._finished)
@@ -81,8 +120,21 @@ class Rebalancer:
     def _finished(self, result) -> None:
         self._running = None
         if self._again:
-            self._again = False
+            self._again, self._retries = False, 0
             self.schedule()
+        elif self._incomplete and self._retries < RETRIES:
+            delay = RETRY * 2 ** self._retries
+            self._retries += 1
+            _log.info("handoff incomplete: running it again in {s:.0f} s", s=delay)
+            self.schedule(delay)
+        else:
+            self._settled()
+
+    def _settled(self) -> None:
+        self._retries = 0
+        waiting, self._idle = self._idle, []
+        for d in waiting:
+            d.callback(None)
 
     def run(self, placement: Placement) -> Deferred:
         """Hand each entry to the owners under ``placement`` that may not hold it, and
@@ -123,7 +175,8 @@ class Rebalancer:
                 await deferLater(self.clock, 0, lambda: None)
         sends = [d for outbox in outboxes.values() for d in outbox.close()]
         handed = await gatherResults(sends) if sends else []
-        if all(handed):  # else the next run compares with the last complete one
+        self._incomplete = not all(handed)
+        if not self._incomplete:  # else the next run compares with the last complete one
             self._last = placement
         return sum(handed)
 
@@ -161,6 +214,7 @@ class Rebalancer:
             self._scheduled.cancel()
         self._scheduled = None
         self._again = False
+        self._retries = RETRIES  # a run under way is not tried again
 
 
 class _Cutter:

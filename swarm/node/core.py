@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 
 from swarm.cluster.antientropy import INTERVAL as ANTI_ENTROPY_INTERVAL
-from swarm.cluster.antientropy import AntiEntropy
+from swarm.cluster.antientropy import AntiEntropy, fingerprint
 from swarm.cluster.commands import StoreCommands
 from swarm.cluster.placement import partition_of
 from swarm.cluster.rebalance import Rebalancer
@@ -36,7 +36,8 @@ _log = logger(__name__)
 #: How long a stopping node may spend handing its entries to their next owners, and
 #: then waiting for its peers to answer its bye and for the requests it serves to finish.
 HANDOFF_GRACE = 5.0
-#: After a change of view, an anti-entropy round runs this much later (handoffs first).
+#: After a change of view, a refill (an anti-entropy round over every partition this
+#: node owns) starts this much later, and not before this node's handoffs are over.
 AFTER_CHANGE = 2.0
 
 
@@ -66,7 +67,7 @@ class NodeCore:
             max_memory=config.max_memory,
             max_value_bytes=config.max_value_size,
             hlc=HybridClock(config.node_id, wall),
-            partition=partition_of,
+            partition=partition_of, fingerprint=fingerprint,
         )
         self.parser = RequestParser(config.limits)
         self.overlay = Overlay(
@@ -77,7 +78,8 @@ class NodeCore:
             secret=config.peer_secret, handshake_timeout=config.handshake_timeout,
         )
         commands = StoreCommands(self.store, config.default_ttl,
-                                 keeps=lambda key: self.router.holds_copy(key))
+                                 keeps=lambda key: self.router.holds_copy(key),
+                                 handing=lambda p: self.rebalancer.handing(p))
         self.router = QueryRouter(
             config.node_id, commands, self.stats, self.overlay, replicas=config.replicas,
             request_timeout=config.request_timeout, write_ack=config.write_ack,
@@ -88,7 +90,7 @@ class NodeCore:
         )
         self.anti_entropy = AntiEntropy(
             config.node_id, self.store, lambda: self.router.placement,
-            self.router.send_to, commands.merge,
+            self.router.send_to, commands.merge, clock,
         )
         self._rounds = LoopingCall(self._anti_entropy)
         self._rounds.clock = clock
@@ -119,9 +121,15 @@ class NodeCore:
             lambda f: _log.failure("anti-entropy round failed", f))
 
     def _refill(self) -> None:
-        """Compare every partition this node owns with its other owners; filled once
-        that is done, unless the view changed meanwhile (another refill follows)."""
+        """Once this node's handoffs are over, compare every partition it owns with its
+        other owners, which leave out what their own handoffs still bring (so nothing
+        moves twice); filled once that is done, unless the view changed meanwhile
+        (another refill follows)."""
         changes, started = self._changes, self.clock.seconds()
+
+        def compare(_):
+            if changes == self._changes:  # else a newer refill is due
+                return self.anti_entropy.run(everything=True)
 
         def filled(result):
             if changes == self._changes:
@@ -130,7 +138,7 @@ class NodeCore:
                           node=self.node_id, s=self.clock.seconds() - started)
             return result
 
-        self.anti_entropy.run(everything=True).addBoth(filled).addErrback(
+        self.rebalancer.idle().addCallback(compare).addBoth(filled).addErrback(
             lambda f: _log.failure("refill failed", f))
 
     # -- lifecycle --------------------------------------------------------------------

@@ -8,7 +8,7 @@ leaves a tombstone for a while, so an older copy that arrives later cannot reviv
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from zope.interface import Attribute, Interface
 
@@ -99,3 +99,17 @@ class IStore(Interface):
 
     def stats() -> dict:
         """Counters: keys, memory_bytes, max_memory_bytes, hits, misses, ..."""
+
+
+class IPartitionDigests(Interface):
+    """What a store may add so that comparing copies with another node (anti-entropy,
+    :mod:`swarm.cluster.antientropy`) costs what the partitions asked about hold, not
+    a scan of the store: a digest per partition kept up to date on every change.
+    A store without it is compared by scanning :meth:`IStore.entries`."""
+
+    def digests(partitions: Iterable[int]) -> dict[int, int]:
+        """The digest of each of ``partitions``: the XOR of the fingerprints of its
+        live entries and tombstones (0 for one with none)."""
+
+    def partition_entries(partition: int) -> list[Entry]:
+        """The live entries and tombstones of ``partition``."""

@@ -30,16 +30,16 @@ from __future__ import annotations
 import heapq
 import sys
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from swarm.errors import NotInteger, TooLarge
 from swarm.protocol import scan
 from swarm.protocol.entry import Entry, HybridClock, Version
 from swarm.protocol.scan import Position
 from swarm.protocol.wire import INT64_MAX, INT64_MIN, utf8_size
-from swarm.store.interface import IStore
+from swarm.store.interface import IPartitionDigests, IStore
 
 #: How long a deleted key's tombstone outlives the delete. It must outlast every way an
 #: older copy can arrive late: a handoff in flight (seconds), the router's migration
@@ -170,13 +170,24 @@ class MemoryStore:
         hlc: HybridClock | None = None,
         tombstone_ttl: float = TOMBSTONE_TTL,
         partition: Callable[[str], int] | None = None,
+        fingerprint: Callable[[str, Version, bool], int] | None = None,
     ) -> None:
         """``partition(key)``, when given, keeps a count of live entries per partition
-        (what a node reports as copies held by role)."""
+        (what a node reports as copies held by role). With ``fingerprint(key, version,
+        deleted)`` (a 64-bit hash) too, the store keeps each partition's digest up to
+        date on every change (:class:`IPartitionDigests`): comparing copies with
+        another node then costs a lookup per partition, not a scan of the store."""
         self._clock = clock
         self._partition = partition
         #: partition -> the keys of its live entries (what a scan lists).
         self._per_partition: dict[int, set[str]] = {}
+        #: partition -> the keys of its tombstones (kept only with a fingerprint).
+        self._graves: dict[int, set[str]] = {}
+        #: partition -> the XOR of the fingerprints of its entries and tombstones.
+        self._digests: dict[int, int] = {}
+        self._fingerprint = fingerprint if partition is not None else None
+        if self._fingerprint is not None:
+            alsoProvides(self, IPartitionDigests)
         #: Entries older than this were flushed: none comes back (see clear).
         self._floor: Version = (0, 0, "")
         self.hlc = hlc if hlc is not None else HybridClock("local")
@@ -298,12 +309,7 @@ class MemoryStore:
             return False
         version = self._stamp(key, at)
         if version is not None:  # a new expiry is a write like any other
-            deadline = self._deadline(ttl)
-            if slot[_EXPIRES] is not None:
-                self._expiring -= 1
-            self._entries[key] = _slot(slot[_VALUE], deadline, slot[_SIZE], version)
-            if deadline is not None:
-                self._deadline_set(key, deadline)
+            self._store(key, _slot(slot[_VALUE], self._deadline(ttl), slot[_SIZE], version))
         return True
 
     def _stamp(self, key: str, at: Version | None, overwrites: bool = False
@@ -436,12 +442,8 @@ class MemoryStore:
             self._remove(key, old)
         self._entries[key] = slot
         self.memory_bytes += slot[_SIZE]
-        if self._partition is not None and slot[_VALUE] is not _DELETED:
-            keys = self._per_partition.get(p := self._partition(key))
-            if keys is None:
-                self._per_partition[p] = {key}
-            else:
-                keys.add(key)
+        if self._partition is not None:
+            self._index(key, slot, self._partition(key), True)
         if slot[_EXPIRES] is not None:
             self._deadline_set(key, slot[_EXPIRES])
         self._evict_over_budget()
@@ -469,12 +471,29 @@ class MemoryStore:
             self._expiring -= 1
         if slot[_VALUE] is _DELETED:
             self._tombstones -= 1
-        elif self._partition is not None:
-            p = self._partition(key)
-            keys = self._per_partition[p]
+        if self._partition is not None:
+            self._index(key, slot, self._partition(key), False)
+
+    def _index(self, key: str, slot: _Slot, p: int, added: bool) -> None:
+        """Note ``key``'s slot added to or removed from partition ``p``: its key set
+        (live keys; tombstones when digests are kept) and its digest."""
+        deleted = slot[_VALUE] is _DELETED
+        if deleted and self._fingerprint is None:
+            return
+        index = self._graves if deleted else self._per_partition
+        keys = index.get(p)
+        if added:
+            if keys is None:
+                index[p] = {key}
+            else:
+                keys.add(key)
+        else:
             keys.discard(key)
             if not keys:
-                del self._per_partition[p]
+                del index[p]
+        if self._fingerprint is not None:
+            self._digests[p] = self._digests.get(p, 0) ^ self._fingerprint(
+                key, _version(slot), deleted)
 
     def _expired(self, key: str, slot: _Slot) -> None:
         self._remove(key, slot)
@@ -501,6 +520,18 @@ class MemoryStore:
                 self._expired(key, slot)
                 removed += 1
         return removed
+
+    def digests(self, partitions: Iterable[int]) -> dict[int, int]:
+        self.sweep(limit=None)  # what is due goes, as on the node that asks
+        held = self._digests
+        return {p: held.get(p, 0) for p in partitions}
+
+    def partition_entries(self, partition: int) -> list[Entry]:
+        self.sweep(limit=None)
+        now, entries = self._clock.seconds(), self._entries
+        return [self._entry_of(key, entries[key], now)
+                for index in (self._per_partition, self._graves)
+                for key in index.get(partition, ())]
 
     def partition_counts(self) -> dict[int, int]:
         self.sweep(limit=None)
