@@ -307,3 +307,20 @@ def test_a_handoff_that_timed_out_is_run_again_without_a_change_of_view():
     swarm.run(10)
     assert_held_by_their_owners(swarm, "n3")
     assert_read_everywhere(swarm)
+
+
+def test_a_join_after_loading_a_swarm_that_formed_empty_hands_copies_only_toward_it():
+    """Runs that found nothing to hand over (the swarm formed empty) still count as
+    complete: the first run after the load sends no copy to an owner that already had
+    it, only toward the joiner (from each old owner of its partitions, and from the one
+    that drops out to the one that stays: three sends per copy it gets)."""
+    swarm = swarm_of(3, [(0, 1), (1, 2), (2, 0)], replicas=2)
+    keys = [f"k{i}" for i in range(600)]
+    assert swarm.call("n0", "mset", items=dict.fromkeys(keys, "v"))["stored"] == len(keys)
+    swarm.add("n3")
+    swarm.link("n3", "n0")
+    swarm.settle()
+    swarm.run(AFTER_CHANGE + 1)
+    joined = len(swarm["n3"].store)
+    assert joined == sum("n3" in owners(swarm, k, "n3") for k in keys)
+    assert sum(swarm[n].core.rebalancer.moved for n in swarm.nodes) <= 3 * joined

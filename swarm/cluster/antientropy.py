@@ -11,12 +11,22 @@ tombstones included). The other owner answers with the partitions whose digests
 differ and its entries in them; the primary keeps the newer of each and sends its own
 entries of those partitions back (as ``restore``), so both end with the newer copies.
 
-Cost per round on an idle swarm: one scan of the store on the primary, one on each
-owner it asks, and per pair of owners one request carrying about 9 bytes per
-partition they share (measured: 3 nodes with ``--replicas 2`` send six requests of
-about 6 KB each, 37 KB per round for the whole swarm; the round after a change of
-view, when every owner compares, 96 KiB: ``python -m swarm.bench_failover``); entries
+The node's store keeps each partition's digest up to date on every change
+(:class:`~swarm.store.interface.IPartitionDigests`), so a round costs a lookup per
+partition on the primary and on each owner it asks, plus the entries of the partitions
+that differ; an answer carries at most COMPARE_ENTRIES entries and COMPARE_BYTES of
+values and names the rest to ask for again, so serving one blocks a node's reactor for
+milliseconds however large its store. (A store without digests is scanned, as before
+issue 11: about 3 µs per entry.) On the wire, per pair of owners, one request of about
+9 bytes per partition they share (3 nodes with ``--replicas 2``: six requests of about
+6 KB, 37 KB per round for the whole swarm; ``python -m swarm.bench_failover``); entries
 move only where copies differ. Nothing runs with ``--replicas 1``.
+
+After a change of view, a refill waits for this node's handoffs, and an owner that is
+asked about partitions its own handoff is still bringing answers them as ``pending``
+(asked again every PENDING_PAUSE seconds) rather than with their entries: the handoff
+moves each copy once. Peers from before issue 11 ignore ``pending`` and take those
+partitions as equal, which the handoff makes them.
 """
 
 from __future__ import annotations
@@ -41,9 +51,10 @@ _log = logger(__name__)
 #: the rest to ask again: one answer is a bounded frame and a bounded reactor turn.
 COMPARE_ENTRIES = 2048
 COMPARE_BYTES = 1024 * 1024
-#: Seconds between rounds. A round scans the store once on the primary and once per
-#: compare on each other owner (about 3 µs per entry measured, so 1M entries cost ~3 s
-#: of CPU per scan): every five minutes keeps that to about 1-3 % of a core.
+#: Seconds between rounds. With digests kept by the store a round between equal
+#: owners costs milliseconds; a store without them is scanned once on the primary and
+#: once per compare on each other owner (~3 s of CPU per 1M entries), which every
+#: five minutes keeps to about 1-3 % of a core.
 INTERVAL = 300.0
 #: How often partitions that the other owner is still handing over are asked about.
 PENDING_PAUSE = 0.5

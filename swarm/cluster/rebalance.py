@@ -63,7 +63,10 @@ class Rebalancer:
         placement: Callable[[], Placement],
         send: Callable[[str, dict], Deferred],
         clock,
+        owners: Callable[[], frozenset[str]] | None = None,
     ) -> None:
+        """``owners()``: the nodes that own keys in the current view (what
+        ``placement()`` places over), noted cheaply when there is nothing to hand."""
         self.node_id = node_id
         self.store = store
         self._placement = placement
@@ -78,6 +81,9 @@ class Rebalancer:
         self.moved = 0
         #: The placement of the last run that handed everything it meant to.
         self._last: Placement | None = None
+        #: Or the owners of its view, when it found nothing to hand over.
+        self._last_owners: frozenset[str] | None = None
+        self._owners = owners
 
     def schedule(self, delay: float = SETTLE) -> None:
         """Run after ``delay`` (a change of view), or after the run under way."""
@@ -111,7 +117,10 @@ class Rebalancer:
         if next(self.store.entries(), None) is None:
             # Nothing to hand over: no need for the new view's placement yet (a node
             # with an empty store, in a swarm forming, would derive it at every burst).
-            # The next run compares with the last complete one, as after a failure.
+            # It was complete all the same: the next run compares with its owners
+            # (else every owner would be sent every entry written from now on).
+            if self._owners is not None:
+                self._last, self._last_owners = None, self._owners()
             self._settled()
             return
         self._running = self.run(self._placement())
@@ -157,6 +166,8 @@ class Rebalancer:
     async def _run(self, placement: Placement) -> int:
         # The owners are worked out once per partition, not once per entry: a scan
         # of a million entries then costs a CRC and a list index per entry.
+        if self._last is None and self._last_owners is not None:
+            self._last, self._last_owners = placement.with_nodes(self._last_owners), None
         table = [self._targets(placement, p) for p in range(PARTITIONS)]
         outboxes: dict[str, _Outbox] = {}
         waiting: dict[str, int] = {}  # key of an entry to drop -> owners yet to confirm

@@ -87,6 +87,7 @@ class NodeCore:
         self.rebalancer = Rebalancer(
             config.node_id, self.store, lambda: self.router.placement,
             self.router.send_to, clock,
+            owners=lambda: self.overlay.membership.owners or frozenset([self.node_id]),
         )
         self.anti_entropy = AntiEntropy(
             config.node_id, self.store, lambda: self.router.placement,
