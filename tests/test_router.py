@@ -133,6 +133,20 @@ def test_a_burst_of_view_changes_derives_the_placement_once_on_first_use():
     assert len(origins) > 1 and set(derived[1:]) == origins
 
 
+def test_a_view_that_comes_back_gets_the_placement_it_had_without_a_derivation():
+    """A healed link or a merged partition brings back a view placed a moment ago: the
+    table is taken back as it was, not derived again (at 1,000 nodes, a whole one)."""
+    node = Node()
+    whole = node.placement
+    membership = node.overlay.membership
+    membership.receive([Announcement("b", INC, 3, ("a",))])  # the b - c link is cut
+    node.router.view_changed()
+    assert node.placement.nodes == {"a", "b"}
+    membership.receive([Announcement("b", INC, 4, ("a", "c"))])  # and heals
+    node.router.view_changed()
+    assert node.placement is whole
+
+
 # -- single keys -------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ logged and answered as ``internal``.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -50,6 +51,8 @@ DEFAULT_MAX_HOPS = 32
 #: For this long after a change of view, a key missing at its new owner is first
 #: taken from its previous owner, in case the handoff has not brought it yet.
 MIGRATION_WINDOW = 10.0
+#: Earlier placements kept to derive the next one from the nearest (see placement).
+RECENT_PLACEMENTS = 4
 #: At most this many earlier placements are searched for a missing key.
 MAX_ORIGINS = 8
 #: When a write is acknowledged with --replicas above 1: once every reachable owner has
@@ -118,6 +121,9 @@ class QueryRouter:
         self._placement = Placement([node_id], replicas)
         #: The owners of a view the placement does not show yet (see view_changed).
         self._owners: frozenset[str] | None = None
+        #: The placements before it: a link that heals, a node that comes back, a
+        #: partition that merges bring a view back that one of them places already.
+        self._recent: deque[Placement] = deque(maxlen=RECENT_PLACEMENTS)
         # Where keys may still be for a while after a change of view (see view_changed):
         # the placement of each such view, once it was needed.
         self._origins: dict[frozenset[str], Placement | None] = {}
@@ -163,8 +169,11 @@ class QueryRouter:
     def placement(self) -> Placement:
         """Key placement over the owners of the latest view."""
         if self._owners is not None:
-            self._placement = self._placement_of(self._owners, [self._placement])
+            before = self._placement
+            self._placement = self._placement_of(self._owners, [before, *self._recent])
             self._owners = None
+            if self._placement is not before:
+                self._recent.append(before)
         return self._placement
 
     @placement.setter
@@ -176,7 +185,7 @@ class QueryRouter:
         origins = self._origins
         for nodes, placement in origins.items():
             if placement is None:
-                known = [self.placement, *filter(None, origins.values())]
+                known = [self.placement, *self._recent, *filter(None, origins.values())]
                 origins[nodes] = self._placement_of(nodes, known)
         return list(origins.values())
 
