@@ -324,3 +324,38 @@ def test_a_join_after_loading_a_swarm_that_formed_empty_hands_copies_only_toward
     joined = len(swarm["n3"].store)
     assert joined == sum("n3" in owners(swarm, k, "n3") for k in keys)
     assert sum(swarm[n].core.rebalancer.moved for n in swarm.nodes) <= 3 * joined
+
+
+def test_a_handoff_whose_link_is_lost_under_hundreds_of_chunks_sends_no_more():
+    """The link to an owner is lost while the first chunks are on it and hundreds
+    more are queued: those fail, and so would every other send at once. The run ends
+    (no recursion through the queue), sends nothing after the failures, and counts as
+    incomplete, so it runs again."""
+    from twisted.internet.defer import Deferred, succeed
+    from twisted.internet.task import Clock
+
+    from swarm.cluster.placement import Placement
+    from swarm.cluster.rebalance import WINDOW, Rebalancer
+    from swarm.store.memory import MemoryStore
+
+    clock, pending, lost = Clock(), [], {"ok": False, "error": {"code": "unavailable"}}
+    store = MemoryStore(clock, max_memory=10 ** 9)
+    store.set_many({f"k{i}": "v" for i in range(60_000)}, None)
+
+    def send(owner, request):
+        if pending and pending[-1].called:  # the link is gone
+            return succeed(lost)
+        pending.append(Deferred())
+        return pending[-1]
+
+    placement = Placement(["b"], 1)
+    run = Rebalancer("a", store, lambda: placement, send, clock).run(placement)
+    while not pending or len(pending) < WINDOW:
+        clock.advance(0)
+    for _ in range(100):  # the scan queues every chunk
+        clock.advance(0)
+    for d in pending:
+        d.callback(lost)
+    while not run.called:
+        clock.advance(0)
+    assert run.result == 0 and len(pending) == WINDOW and len(store) == 60_000

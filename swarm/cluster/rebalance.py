@@ -20,15 +20,10 @@ partitions are still on their way (a refill leaves those to it).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Iterator
 
-from twisted.internet.defer import (
-    Deferred,
-    DeferredSemaphore,
-    gatherResults,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 
 from swarm.cluster.placement import PARTITIONS, Placement, partition_of
@@ -251,25 +246,60 @@ class _Outbox:
     """The entries bound for one owner, sent in chunks as they fill while the scan
     goes on, at most WINDOW at a time: the owner starts storing them at once, and a
     request behind them on the link waits for a few chunks, not for the whole
-    handoff (nor does a send time out for waiting behind the others)."""
+    handoff (nor does a send time out for waiting behind the others).
+
+    Once a chunk fails (``send`` gave 0: the owner is unreachable, busy or slow), the
+    chunks still queued are not sent (each would fail the same way): they count 0,
+    and the run that follows hands them over. Sends that fail at once are taken in a
+    loop, not in nested callbacks, however many chunks are queued."""
 
     def __init__(self, send: Callable[[list[Entry]], Deferred]) -> None:
         self._send = send
-        self._gate = DeferredSemaphore(WINDOW)
         self._cutter = _Cutter()
+        self._queue: deque[tuple[list[Entry], Deferred]] = deque()
         self._sent: list[Deferred] = []
+        self._in_flight = 0
+        self._pumping = False
+        self._failed = False
 
     def add(self, entry: Entry) -> None:
         full = self._cutter.add(entry)
         if full is not None:
-            self._sent.append(self._gate.run(self._send, full))
+            self._push(full)
 
     def close(self) -> list[Deferred]:
         """The last chunk sent too; every send's Deferred, in order."""
         if self._cutter.chunk:
-            self._sent.append(self._gate.run(self._send, self._cutter.chunk))
+            self._push(self._cutter.chunk)
             self._cutter = _Cutter()
         return self._sent
+
+    def _push(self, chunk: list[Entry]) -> None:
+        d = Deferred()
+        self._sent.append(d)
+        self._queue.append((chunk, d))
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping:  # a send that ended at once, inside the loop below
+            return
+        self._pumping = True
+        try:
+            while self._queue and (self._failed or self._in_flight < WINDOW):
+                chunk, d = self._queue.popleft()
+                if self._failed:
+                    d.callback(0)
+                    continue
+                self._in_flight += 1
+                self._send(chunk).addBoth(self._ended, d)
+        finally:
+            self._pumping = False
+
+    def _ended(self, handed, d: Deferred) -> None:
+        self._in_flight -= 1
+        self._failed = self._failed or not handed
+        d.callback(handed)
+        self._pump()
 
 
 def chunks(entries: list[Entry]) -> Iterator[list[Entry]]:
