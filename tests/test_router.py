@@ -878,6 +878,34 @@ def test_with_replicas_every_owner_gets_a_copy_and_a_backup_keeps_its_own():
     assert result_of(h.rebalancer.run(placement)) == 0 and h.sends == []
 
 
+def test_an_owner_pushed_out_by_a_joiner_sends_its_copies_to_the_joiner_alone():
+    """With 2 replicas, a joiner d takes a's place beside an owner that stays: that owner
+    had every write a had, so it gets nothing (a 1M-key join sent each copy d needed
+    three times, twice from the old owners and once to the one that stays)."""
+    h = Handoff(replicas=2)
+    before = h.placement
+    h.rebalancer.run(before)  # the last complete run: a, b, c
+    after = before.with_nodes({"a", "b", "c", "d"})
+    pushed = keys_of("d", after, 3, where=lambda k: "a" in before.owners(k)
+                     and "a" not in after.owners(k))
+    for key in pushed:
+        h.store.set(key, 1, None)
+    done = h.rebalancer.run(after)
+    assert [owner for owner, _, _ in h.sends] == ["d"]
+    h.answer_all()
+    assert result_of(done) == 3 and not any(h.store.exists(k) for k in pushed)
+
+
+def test_a_copy_held_by_no_owner_of_the_last_run_goes_to_every_owner():
+    h = Handoff(replicas=2)
+    h.rebalancer.run(h.placement)
+    stray = keys_of("b", h.placement, 2, where=lambda k: "a" not in h.placement.owners(k))
+    for key in stray:
+        h.store.set(key, 1, None)
+    h.rebalancer.run(h.placement)
+    assert sorted(owner for owner, _, _ in h.sends) == ["b", "c"]
+
+
 def test_an_entry_leaves_only_once_every_owner_has_it():
     h = Handoff(replicas=2)
     placement = h.placement

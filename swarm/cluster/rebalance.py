@@ -148,15 +148,18 @@ class Rebalancer:
 
     def _targets(self, placement: Placement, partition: int) -> tuple[list[str], bool]:
         """Who gets this node's copies in ``partition``, and whether this node drops
-        them once they have: every owner when this node is not one any more; else only
-        owners that were not owners at the last complete run (they had every write
-        since; with one replica that is no one)."""
+        them once they have: the owners that were not owners at the last complete run
+        (the others had every write since, as this node did; with one replica that is
+        no one). A node that is not an owner any more drops its copies, so it sends
+        them to every owner where that would leave none to confirm them, or where it
+        was no owner itself at the last run (a stray copy: no one else need have it)."""
         owners = placement.owners_of_partition(partition)
-        if self.node_id not in owners:
-            return list(owners), True
         before = self._last.owners_of_partition(partition) if self._last is not None \
             else (self.node_id,)
-        return [o for o in owners if o != self.node_id and o not in before], False
+        new = [o for o in owners if o != self.node_id and o not in before]
+        if self.node_id in owners:
+            return new, False
+        return (new if new and self.node_id in before else list(owners)), True
 
     async def _run(self, placement: Placement) -> int:
         # The owners are worked out once per partition, not once per entry: a scan
