@@ -1,5 +1,5 @@
 """``python -m swarm.bench_rebalance`` runs end to end on a small store, so the command
-docs/scaling-rebalance.md gives keeps working, prints every figure, and loses no key."""
+docs/scaling.md gives keeps working, prints every figure, and loses no key."""
 
 from __future__ import annotations
 
@@ -34,6 +34,6 @@ def test_bench_rebalance_prints_its_figures_and_loses_nothing(tmp_path, replicas
             set(figures[window])
     assert figures["before"]["requests"] > 0
     # (a read that finds nothing mid-rebalance is reported, in missed_reads: rare, and
-    # not yet explained; see docs/scaling-rebalance.md)
+    # not yet explained; see docs/scaling.md)
     assert figures["wrong_reads"] == 0
     assert figures["check"] == {**figures["check"], "missing": 0, "wrong": 0}
