@@ -77,7 +77,13 @@ class HeapClock(Clock):
         """``Clock.__init__`` sets a list; this clock keeps its heap instead."""
 
     def advance(self, amount: float) -> None:
-        self.rightNow += amount
+        self.advance_to(self.rightNow + amount)
+
+    def advance_to(self, when: float) -> None:
+        """Move time to exactly ``when`` (not before now) and run what is due by then.
+        Stepping to each call's own time (:meth:`next_due`) runs it when it is due,
+        where steps of a fixed size, summed in floating point, can overshoot it."""
+        self.rightNow = max(self.rightNow, when)
         while (entry := self._soonest()) is not None and entry[0] <= self.rightNow:
             call = heapq.heappop(self._heap)[2]
             del self._pending[call]

@@ -297,10 +297,17 @@ class Swarm:
     # -- waiting ----------------------------------------------------------------------
 
     def run(self, seconds: float) -> None:
-        """Let ``seconds`` of simulated time pass."""
-        end = self.clock.seconds() + seconds
-        while self.clock.seconds() < end:
-            self.clock.advance(min(STEP, end - self.clock.seconds()))
+        """Let ``seconds`` of simulated time pass (on a HeapClock, call by call, each
+        at its own time)."""
+        clock = self.clock
+        end = clock.seconds() + seconds
+        if isinstance(clock, HeapClock):
+            while (due := clock.next_due()) is not None and due <= end:
+                clock.advance_to(due)
+            clock.advance_to(end)
+            return
+        while clock.seconds() < end:
+            clock.advance(min(STEP, end - clock.seconds()))
 
     def until(self, condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
         """Advance time until ``condition()`` holds; fail after ``timeout`` simulated s."""
@@ -309,7 +316,7 @@ class Swarm:
             if self.clock.seconds() >= deadline:
                 raise AssertionError(f"not within {timeout}s of simulated time: "
                                      f"{what or condition}")
-            self.clock.advance(STEP)
+            self.run(STEP)
         return result
 
     def wait(self, d: Deferred, timeout: float = 30.0) -> Any:

@@ -155,6 +155,9 @@ def two_owners():
     keys = [f"k{i}" for i in range(40)]
     for key in keys:
         swarm.call("n0", "set", key=key, value="v1")
+    # the refill after the link came up is over: what follows is the periodic rounds
+    swarm.until(lambda: not any(swarm[n].core.router.filling for n in ("n0", "n1")),
+                what="both owners to be filled")
     return swarm, keys
 
 

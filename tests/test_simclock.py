@@ -75,3 +75,20 @@ def test_a_looping_call_runs_on_it():
     clock.advance(0.5)
     loop.stop()
     assert ticks == [1.0, 2.0, 3.0] and clock.getDelayedCalls() == []
+
+
+def test_a_simulated_swarm_runs_each_call_at_its_own_time():
+    """A frame crossing 100 links of 3 ms arrives 0.3 s later: run() steps to each
+    call's time, where steps of 10 ms delayed every hop to the next step (1 s)."""
+    from swarm.simulator import Swarm
+
+    swarm, hops = Swarm(), []
+
+    def hop():
+        hops.append(swarm.clock.seconds())
+        if len(hops) < 100:
+            swarm.clock.callLater(0.003, hop)
+
+    swarm.clock.callLater(0.003, hop)
+    swarm.run(0.301)
+    assert len(hops) == 100 and abs(hops[-1] - 0.3) < 1e-9
