@@ -373,9 +373,15 @@ _PANELS = (("converge_s", "simulated s until every view agrees"),
            ("routes_ms_mean", "CPU ms per node: next hops"))
 
 
-def plot(rows: list[Row], path: str) -> None:
-    """Each panel of :data:`_PANELS` against the swarm's size, a line per shape and
-    change (log-log); needs matplotlib (``pip install matplotlib``)."""
+#: How the plot draws each shape (line style) and change (colour).
+_STYLES = {"tree": "-", "hubs": "--", "ring": ":", "line": "-."}
+_COLOURS = dict(zip(CHANGES, ("C0", "C1", "C3", "C4", "C5", "C2", "C6")))
+
+
+def plot(rows: list[Row], path: str, changes: Iterable[str] = CHANGES) -> None:
+    """Each panel of :data:`_PANELS` against the swarm's size, a line per shape (its
+    style) and change (its colour) among ``changes``, log-log; needs matplotlib
+    (``pip install matplotlib``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,12 +390,14 @@ def plot(rows: list[Row], path: str) -> None:
     figure, axes = pyplot.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
     lines: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for row in rows:
-        lines[row.shape, row.change].append(row)
+        if row.change in changes:
+            lines[row.shape, row.change].append(row)
     for ax, (attr, title) in zip(axes.flat, _PANELS):
         for (shape, change), points in sorted(lines.items()):
             points.sort(key=lambda r: r.nodes)
             ax.plot([r.nodes for r in points], [max(getattr(r, attr), 1e-3) for r in points],
-                    marker="o", label=f"{shape} {change}")
+                    _STYLES[shape], marker="o", color=_COLOURS[change],
+                    label=f"{shape} {change}")
         ax.set(title=title, xlabel="nodes", xscale="log", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
     axes.flat[0].legend(fontsize="x-small", ncol=2)
